@@ -1,0 +1,1 @@
+"""pytest entry point of llm-parity (placeholder while the foundation is built)."""
