@@ -1,0 +1,187 @@
+"""The run's settings: every option validated up front, before any model is loaded."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llm_parity.engines.base import DTYPES, backends
+from llm_parity.models import ModelError, check_checkpoint_dir, is_local_reference
+from llm_parity.prompts import PromptSet, PromptsError, load_prompts
+from llm_parity.thresholds import ThresholdsError, load_thresholds, packaged_thresholds_path
+
+
+class SettingsError(ValueError):
+    """An option that cannot be used, with the option named."""
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str
+    help: str
+    default: Any = None
+    kind: str = "str"  # str, int, bool, list
+
+    @property
+    def dest(self) -> str:
+        return "parity_" + self.flag.lstrip("-").replace("-", "_")
+
+    @property
+    def ini(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+# Help-text rules: say what the value is, then the default in parentheses.
+OPTIONS = (
+    Option("--model", "checkpoint under test: a local directory or a hub id resolved through "
+           "ModelScope, then the HuggingFace cache (default: the embedded toy model)"),
+    Option("--candidate", "candidate backend: vllm, hf, openai or auto (default: auto = vllm "
+           "if importable, else hf)", "auto"),
+    Option("--candidate-model", "a different checkpoint for the candidate, e.g. a converted "
+           "or quantized copy (default: same as --model)"),
+    Option("--candidate-dtype", "candidate dtype: bfloat16, float16 or float32 (default: "
+           "bfloat16)", "bfloat16"),
+    Option("--reference-dtype", "reference dtype (default: float32)", "float32"),
+    Option("--candidate-device", "candidate device: auto, cpu, cuda, npu, xpu (default: auto)",
+           "auto"),
+    Option("--reference-device", "reference device (default: cpu)", "cpu"),
+    Option("--thresholds", "gates file (default: ./thresholds.toml if present, else the "
+           "packaged one)"),
+    Option("--prompts", "prompt set file: .json, .jsonl or .txt (default: the packaged 25 RAG "
+           "prompts)"),
+    Option("--logprobs", "top-k log-probs asked of the candidate (default: 20)", 20, "int"),
+    Option("--parity-json", "write the machine-readable verdict to this path (default: off)"),
+    Option("--parity-report", "write the human report, Markdown (default: off)"),
+    Option("--candidate-option", "KEY=VALUE passed to the candidate engine's constructor, "
+           "repeatable, e.g. enforce_eager=true (default: none)", None, "list"),
+    Option("--tensor-parallel-size", "tensor-parallel size of the vllm candidate (default: 1)",
+           1, "int"),
+    Option("--trust-remote-code", "allow the checkpoint's own Python code (default: off)",
+           False, "bool"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str | None
+    candidate: str
+    candidate_model: str | None
+    candidate_dtype: str
+    reference_dtype: str
+    candidate_device: str
+    reference_device: str
+    thresholds_path: Path
+    prompts: PromptSet
+    logprobs: int
+    parity_json: Path | None
+    parity_report: Path | None
+    candidate_options: dict[str, Any] = field(default_factory=dict)
+    tensor_parallel_size: int = 1
+    trust_remote_code: bool = False
+    thresholds_explicit: bool = False
+
+
+def parse_value(text: str) -> Any:
+    """KEY=VALUE values: true/false, ints and floats become themselves, the rest stays text."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def build_settings(raw: dict[str, Any], rootdir: Path) -> Settings:
+    """Validate the raw option values (flag name without dashes -> value)."""
+    candidate = raw["candidate"]
+    known = (*backends(), "openai", "auto")
+    if candidate not in known:
+        raise SettingsError(f"--candidate: unknown backend {candidate!r}; expected one of: "
+                            f"{', '.join(known)}")
+    for flag in ("candidate-dtype", "reference-dtype"):
+        if raw[flag] not in DTYPES:
+            raise SettingsError(f"--{flag}: unknown dtype {raw[flag]!r}; expected one of: "
+                                f"{', '.join(DTYPES)}")
+    for flag in ("candidate-device", "reference-device"):
+        if raw[flag].split(":")[0] not in ("auto", "cpu", "cuda", "npu", "xpu"):
+            raise SettingsError(f"--{flag}: unknown device {raw[flag]!r}; expected auto, cpu, "
+                                "cuda, npu or xpu (optionally with :index)")
+    logprobs = _positive_int(raw["logprobs"], "--logprobs")
+    tp = _positive_int(raw["tensor-parallel-size"], "--tensor-parallel-size")
+    for flag in ("model", "candidate-model"):
+        name = raw[flag]
+        if name and is_local_reference(name):
+            try:
+                check_checkpoint_dir(Path(name).expanduser(), f"--{flag}")
+            except ModelError as exc:
+                raise SettingsError(str(exc)) from None
+    thresholds_explicit = bool(raw["thresholds"])
+    if raw["thresholds"]:
+        thresholds_path = Path(raw["thresholds"]).expanduser()
+        if not thresholds_path.is_absolute():
+            thresholds_path = Path.cwd() / thresholds_path
+    elif (Path.cwd() / "thresholds.toml").is_file():
+        thresholds_path = Path.cwd() / "thresholds.toml"
+    elif (rootdir / "thresholds.toml").is_file():
+        thresholds_path = rootdir / "thresholds.toml"
+    else:
+        thresholds_path = packaged_thresholds_path()
+    try:
+        load_thresholds(thresholds_path)  # the whole file, every override, checked now
+        prompts = load_prompts(raw["prompts"] or None)
+    except (ThresholdsError, PromptsError) as exc:
+        raise SettingsError(str(exc)) from None
+    options = {}
+    for item in raw["candidate-option"] or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise SettingsError(f"--candidate-option: expected KEY=VALUE with KEY a Python "
+                                f"identifier, got {item!r}")
+        options[key.strip()] = parse_value(value.strip())
+    return Settings(
+        model=raw["model"],
+        candidate=candidate,
+        candidate_model=raw["candidate-model"],
+        candidate_dtype=raw["candidate-dtype"],
+        reference_dtype=raw["reference-dtype"],
+        candidate_device=raw["candidate-device"],
+        reference_device=raw["reference-device"],
+        thresholds_path=thresholds_path.resolve(),
+        prompts=prompts,
+        logprobs=logprobs,
+        parity_json=_output_path(raw["parity-json"], "--parity-json", (".json",)),
+        parity_report=_output_path(raw["parity-report"], "--parity-report",
+                                   (".md", ".markdown", ".html", ".htm")),
+        candidate_options=options,
+        tensor_parallel_size=tp,
+        trust_remote_code=bool(raw["trust-remote-code"]),
+        thresholds_explicit=thresholds_explicit,
+    )
+
+
+def _positive_int(value: Any, flag: str) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{flag}: expected a positive integer, got {value!r}") from None
+    if number < 1:
+        raise SettingsError(f"{flag}: expected a positive integer, got {number}")
+    return number
+
+
+def _output_path(value: str | None, flag: str, suffixes: tuple[str, ...]) -> Path | None:
+    if not value:
+        return None
+    path = Path(value).expanduser().absolute()
+    if path.suffix.lower() not in suffixes:
+        raise SettingsError(f"{flag}: {value!r} should end in {' or '.join(suffixes)}")
+    if not path.parent.is_dir():
+        raise SettingsError(f"{flag}: the directory {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise SettingsError(f"{flag}: the directory {path.parent} is not writable")
+    return path

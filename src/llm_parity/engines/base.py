@@ -1,0 +1,126 @@
+"""The one small interface every engine answers, and the registry of backends by name.
+
+Engines are the only code that touches torch or an inference engine. They take token ids
+and return plain numpy arrays, so the metrics never know which engine produced them.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+
+DTYPES = ("float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda", "npu", "xpu")
+
+
+class EngineError(RuntimeError):
+    """An engine that could not be built, died, or answered something unusable."""
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What to build: a resolved checkpoint directory and how to run it."""
+
+    model: str  # a local directory (hub ids are resolved before an engine is built)
+    dtype: str = "bfloat16"
+    device: str = "auto"
+    tokenizer: str | None = None  # defaults to the model directory
+    trust_remote_code: bool = False
+    tensor_parallel_size: int = 1
+    logprobs: int = 20  # the most top-k log-probs this run will ask for
+    options: dict[str, Any] = field(default_factory=dict)  # backend-specific extras
+    role: str = "candidate"  # "reference" or "candidate", for messages
+
+
+@dataclass(frozen=True)
+class NextToken:
+    """An engine's view of the next token at one position.
+
+    `token_ids` and `logprobs` are its top-k, ordered by rank; `full_logprobs` is the whole
+    vocabulary when the engine exposes it (the reference always does).
+    """
+
+    token_ids: np.ndarray
+    logprobs: np.ndarray
+    full_logprobs: np.ndarray | None = None
+
+
+class Engine(abc.ABC):
+    """A built engine. Subclasses register a backend name with `register`."""
+
+    backend: ClassVar[str]
+
+    def __init__(self, spec: EngineSpec) -> None:
+        self.spec = spec
+
+    @abc.abstractmethod
+    def next_token(self, prompts: Sequence[Sequence[int]], k: int) -> list[NextToken]:
+        """Score the token after each prompt; all prompts in one call."""
+
+    @abc.abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """backend, device, dtype and anything else worth recording about this engine."""
+
+    def close(self) -> None:
+        """Release memory and any processes; the engine is unusable afterwards."""
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_REGISTRY: dict[str, str] = {
+    # name -> "module:Class", imported only when that backend is asked for
+    "hf": "llm_parity.engines.hf:HfEngine",
+    "vllm": "llm_parity.engines.vllm:VllmEngine",
+}
+
+
+def register(name: str, target: str) -> None:
+    """Add a backend: `target` is "package.module:Class" of an Engine subclass."""
+    _REGISTRY[name] = target
+
+
+def backends() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def engine_class(name: str) -> type[Engine]:
+    try:
+        target = _REGISTRY[name]
+    except KeyError:
+        raise EngineError(
+            f"unknown candidate backend {name!r}; expected one of: {', '.join(_REGISTRY)}, auto"
+        ) from None
+    module_name, _, class_name = target.partition(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def build_engine(backend: str, spec: EngineSpec) -> Engine:
+    return engine_class(backend)(spec)
+
+
+def check_next_token(result: NextToken, *, k: int, vocab_size: int, where: str) -> None:
+    """Reject an answer the metrics cannot use, naming the prompt and what was wrong."""
+    if len(result.token_ids) < min(k, vocab_size):
+        raise EngineError(
+            f"{where}: returned {len(result.token_ids)} log-probs, asked for {k} "
+            "(the engine may cap them: raise its max_logprobs, or lower --logprobs)"
+        )
+    for name, values in (("top-k log-probs", result.logprobs), ("logits", result.full_logprobs)):
+        if values is None:
+            continue
+        bad = np.flatnonzero(np.isnan(values) | np.isposinf(values))
+        if bad.size:
+            raise EngineError(
+                f"{where}: {bad.size} NaN or infinite {name} (first at index {bad[0]}); "
+                "the model produced non-finite numbers"
+            )
+    if np.isneginf(result.logprobs[0]):
+        raise EngineError(f"{where}: the rank-1 log-prob is -inf; the distribution is empty")

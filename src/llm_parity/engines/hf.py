@@ -1,0 +1,75 @@
+"""HuggingFace Transformers engine: the float32 reference, or a candidate in any dtype.
+
+It exposes the full vocabulary. Sequences run one at a time (no padding, so no padding
+can change a result), and logits are computed only at the positions asked for, so memory
+stays one vocabulary row per compared position.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+from typing import Any, Sequence
+
+import numpy as np
+
+from llm_parity.engines._torch import resolve_device, torch_dtype, transformers_dtype_kwarg
+from llm_parity.engines.base import Engine, EngineError, EngineSpec, NextToken
+
+
+class HfEngine(Engine):
+    backend = "hf"
+
+    def __init__(self, spec: EngineSpec) -> None:
+        super().__init__(spec)
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.device = resolve_device(spec.device, spec.role)
+        kwargs = {transformers_dtype_kwarg(): torch_dtype(spec.dtype)}
+        kwargs.update(spec.options)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                spec.model, trust_remote_code=spec.trust_remote_code, **kwargs
+            )
+        except (OSError, ValueError) as exc:
+            raise EngineError(f"{spec.role}: transformers cannot load {spec.model}: {exc}") from exc
+        self.model = model.to(self.device).eval()
+        self._torch = torch
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.backend, "device": self.device, "dtype": self.spec.dtype}
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    def position_logprobs(self, token_ids: Sequence[int], positions: Sequence[int]) -> np.ndarray:
+        """Full-vocabulary log-probs (float64) of the token after each given position."""
+        torch = self._torch
+        ids = torch.tensor([list(token_ids)], device=self.device)
+        where = torch.tensor(list(positions), device=self.device)
+        with torch.inference_mode():
+            if self._keeps_logits:
+                logits = self.model(input_ids=ids, logits_to_keep=where).logits[0]
+            else:
+                logits = self.model(input_ids=ids).logits[0, where]
+            return logits.double().log_softmax(-1).cpu().numpy()
+
+    def next_token(self, prompts: Sequence[Sequence[int]], k: int) -> list[NextToken]:
+        results = []
+        for ids in prompts:
+            row = self.position_logprobs(ids, [len(ids) - 1])[0]
+            top = np.argsort(-row, kind="stable")[:k]
+            results.append(NextToken(token_ids=top, logprobs=row[top], full_logprobs=row))
+        return results
+
+    def close(self) -> None:
+        if getattr(self, "model", None) is None:
+            return
+        self.model = None
+        gc.collect()
+        if self.device.startswith("cuda"):
+            self._torch.cuda.empty_cache()
+

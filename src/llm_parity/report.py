@@ -1,0 +1,259 @@
+"""What people and dashboards read: test messages, JUnit properties, the end-of-run
+summary, the JSON verdict and the Markdown report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+from llm_parity.thresholds import GateResult
+
+if TYPE_CHECKING:
+    from llm_parity.precision import PrecisionResult, PromptResult
+    from llm_parity.session import ParitySession
+
+SCHEMA_VERSION = 1
+# Above this much reference mass outside the candidate's top-k, the bin KL is a loose bound.
+TAIL_WARNING = 0.05
+_METRICS = ("cosine", "kl", "js", "mae", "spearman", "rel_error", "top1_margin", "p_tail",
+            "q_tail", "cosine_full", "kl_full", "js_full", "mae_full")
+_HIGHER_IS_BETTER = {"cosine", "cosine_full", "spearman", "top1_match"}
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "n/a"
+        return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+    return str(value)
+
+
+def _gate_line(result: GateResult) -> str:
+    gate = result.gate
+    return (f"{gate.aggregate} {gate.metric} = {fmt(result.value)}, must be {gate.symbol} "
+            f"{fmt(gate.threshold)}")
+
+
+# ---------------------------------------------------------------- per test
+
+
+def prompt_properties(result: "PromptResult") -> list[tuple[str, Any]]:
+    first = result.first
+    comparison = first.comparison
+    props: list[tuple[str, Any]] = [
+        ("prompt_id", result.prompt.id),
+        ("prompt", result.prompt.text),
+        ("token_count", result.token_count),
+        ("reference_top1", first.reference_top1_text),
+        ("candidate_top1", first.candidate_top1_text),
+        ("top1_match", comparison.top1_match),
+        ("near_tie", first.near_tie),
+    ]
+    for metric in _METRICS:
+        value = getattr(comparison, metric)
+        if value is not None:
+            props.append((metric, value))
+    for gate_result in result.gate_results:
+        name = f"gate.{gate_result.gate.name}"
+        props += [(f"{name}.{gate_result.gate.bound}", gate_result.gate.threshold),
+                  (f"{name}.value", gate_result.value), (f"{name}.passed", gate_result.passed)]
+    return props
+
+
+def _flip_line(position, margin_floor: float) -> str:
+    c = position.comparison
+    kind = ("a near-tie (bf16 rounding can cause it)" if position.near_tie
+            else f"above the near-tie margin {fmt(margin_floor)}: a defect")
+    return (f"position {position.position}: reference top-1 {position.reference_top1_text} "
+            f"(log-prob {fmt(c.reference_top1_logprob)}), candidate top-1 "
+            f"{position.candidate_top1_text} (log-prob {fmt(c.candidate_top1_logprob)}); "
+            f"reference margin {fmt(c.top1_margin)}, {kind}")
+
+
+def prompt_failure_message(result: "PromptResult", precision: "PrecisionResult") -> str:
+    lines = [f"prompt {result.prompt.id} ({result.token_count} tokens): "
+             f"{result.prompt.text[:80]!r}"]
+    lines += [f"  {_gate_line(r)}" for r in result.gate_results if not r.passed]
+    for position in result.positions:
+        if not position.comparison.top1_match:
+            lines.append("  " + _flip_line(position, precision.near_tie_margin))
+    c = result.first.comparison
+    lines.append(f"  first position: cosine {fmt(c.cosine)}, kl {fmt(c.kl)}, js {fmt(c.js)}, "
+                 f"spearman {fmt(c.spearman)}, reference tail {fmt(c.p_tail)}, "
+                 f"candidate tail {fmt(c.q_tail)}")
+    return "\n".join(lines)
+
+
+def worst_prompts(precision: "PrecisionResult", metric: str, n: int = 3):
+    """The prompts that pull a metric the wrong way, worst first."""
+    scored = []
+    for prompt in precision.prompts:
+        values = [v for v in prompt.values(metric) if v is not None]
+        if not values:
+            continue
+        if metric in _HIGHER_IS_BETTER:
+            scored.append((min(float(v) for v in values), prompt))
+        else:
+            scored.append((max(float(v) for v in values), prompt))
+    scored.sort(key=lambda item: item[0], reverse=metric not in _HIGHER_IS_BETTER)
+    return scored[:n]
+
+
+def gate_failure_message(result: GateResult, precision: "PrecisionResult") -> str:
+    gate = result.gate
+    if math.isnan(result.value):
+        return (f"gate {gate.name}: {gate.metric} could not be measured (a full-vocabulary "
+                "metric needs a candidate that exposes the full vocabulary, e.g. hf)")
+    lines = [f"gate {gate.name}: {_gate_line(result)}"]
+    if gate.metric in ("top1_match", "top1_defect"):
+        for prompt, position in precision.flips:
+            lines.append(f"  {prompt.prompt.id}: " + _flip_line(position, precision.near_tie_margin))
+    else:
+        worst = ", ".join(f"{p.prompt.id} {fmt(v)}" for v, p in worst_prompts(precision, gate.metric))
+        lines.append(f"  worst prompts: {worst}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- end of run
+
+
+def summary_lines(session: "ParitySession") -> list[str]:
+    run = session.run
+    assert run is not None
+    precision = run.precision
+    verdict = "PASS" if precision.passed else "FAIL"
+    candidate = run.candidate
+    lines = [
+        f"verdict: {verdict}   model: {run.reference_model.name}   candidate: "
+        f"{candidate['backend']} on {candidate['device']} in {candidate['dtype']}   "
+        f"reference: hf on {run.reference['device']} in {run.reference['dtype']}",
+        f"{len(precision.prompts)} prompts ({session.settings.prompts.name}), first generated "
+        f"token, top-{precision.k} log-probs; gates from {run.thresholds.source}",
+        "",
+        f"{'gate':<22}{'metric':<14}{'aggregate':<11}{'bound':>8}{'value':>12}  result",
+    ]
+    for r in precision.gate_results:
+        lines.append(f"{r.gate.name:<22}{r.gate.metric:<14}{r.gate.aggregate:<11}"
+                     f"{r.gate.symbol + ' ' + fmt(r.gate.threshold):>8}{fmt(r.value):>12}  "
+                     f"{'pass' if r.passed else 'FAIL'}")
+    failed = [p for p in precision.prompts if not p.passed]
+    lines.append(f"per-prompt gates: {len(precision.prompts) - len(failed)}/"
+                 f"{len(precision.prompts)} prompts pass"
+                 + (f" (failing: {', '.join(p.prompt.id for p in failed)})" if failed else ""))
+    flips = precision.flips
+    near = sum(1 for _, pos in flips if pos.near_tie)
+    lines.append(f"top-1 flips: {len(flips)} ({near} near-ties, {len(flips) - near} defects)")
+    worst = ", ".join(f"{p.prompt.id} {fmt(v)}" for v, p in worst_prompts(precision, "kl"))
+    lines.append(f"worst KL: {worst}")
+    tail = max(precision.values("p_tail"))
+    if tail > TAIL_WARNING:
+        lines.append(f"warning: up to {fmt(tail)} of the reference mass lies outside the "
+                     f"candidate's top-{precision.k}; the KL shown is a loose lower bound "
+                     "(raise --logprobs)")
+    t = run.timings
+    lines.append("time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in t.items()))
+    return lines
+
+
+def verdict_dict(session: "ParitySession") -> dict[str, Any]:
+    settings = session.settings
+    run = session.run
+    if run is None:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "verdict": "error",
+            "error": str(session.error) if session.error else "the precision run did not finish",
+            "model": settings.model or "llm-parity/toy",
+            "candidate": {"backend": settings.candidate, "device": settings.candidate_device,
+                          "dtype": settings.candidate_dtype},
+            "aggregate": {}, "gates": [], "prompts": [],
+            "environment": session.environment,
+        }
+    precision = run.precision
+    prompts = []
+    for result in precision.prompts:
+        first = result.first
+        c = first.comparison
+        entry: dict[str, Any] = {
+            "id": result.prompt.id,
+            "prompt": result.prompt.text,
+            "token_count": result.token_count,
+            "reference_top1": first.reference_top1_text,
+            "candidate_top1": first.candidate_top1_text,
+            "top1_match": c.top1_match,
+            "near_tie": first.near_tie,
+            "passed": result.passed,
+        }
+        entry.update({m: getattr(c, m) for m in _METRICS if getattr(c, m) is not None})
+        entry["gates"] = [r.as_dict() for r in result.gate_results]
+        prompts.append(entry)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "verdict": "pass" if precision.passed else "fail",
+        "model": run.reference_model.name,
+        "candidate_model": run.candidate_model.name,
+        "candidate": run.candidate,
+        "reference": run.reference,
+        "protocol": {"prompts": settings.prompts.name, "prompt_count": len(prompts),
+                     "positions": "first generated token", "logprobs": precision.k,
+                     "near_tie_margin": precision.near_tie_margin,
+                     "thresholds": run.thresholds.source},
+        "aggregate": precision.aggregate(),
+        "gates": [r.as_dict() for r in precision.gate_results],
+        "prompts": prompts,
+        "model_card": run.card,
+        "timings": run.timings,
+        "environment": session.environment,
+    }
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN: unmeasurable values become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item"):  # numpy scalars
+        return _clean(value.item())
+    return value
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write next to the target and rename, so a crash never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_outputs(session: "ParitySession") -> None:
+    settings = session.settings
+    if settings.parity_json:
+        data = _clean(verdict_dict(session))
+        write_atomic(settings.parity_json, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    if settings.parity_report:
+        from llm_parity.report_document import render_report
+
+        write_atomic(settings.parity_report, render_report(session, settings.parity_report.suffix))
+
+
+def table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> list[str]:
+    """A Markdown table."""
+    header = list(header)
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        out.append("| " + " | ".join(fmt(v).replace("|", "\\|") for v in row) + " |")
+    return out

@@ -1,0 +1,47 @@
+"""The acceptance tests themselves, collected under the active thresholds file.
+
+Measured values go to `user_properties` directly: they reach the JUnit XML under every
+junit_family, where the record_property fixture would warn under the default xunit2.
+
+One test per prompt (the per-prompt gates) and one per gate across prompts. They all
+share one precision run, computed once by the `parity_run` fixture.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from llm_parity.plugin import parity_session
+from llm_parity.report import gate_failure_message, prompt_failure_message, prompt_properties
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    session = parity_session(metafunc.config)
+    if "prompt_id" in metafunc.fixturenames:
+        metafunc.parametrize("prompt_id", session.settings.prompts.ids)
+    if "gate_name" in metafunc.fixturenames:
+        metafunc.parametrize("gate_name", session.gate_names())
+
+
+@pytest.mark.precision
+def test_prompt(parity_run, prompt_id, request):
+    """Every per-prompt gate on one prompt's compared positions."""
+    result = next(p for p in parity_run.precision.prompts if p.prompt.id == prompt_id)
+    for name, value in prompt_properties(result):
+        request.node.user_properties.append((name, value))
+    if not result.passed:
+        pytest.fail(prompt_failure_message(result, parity_run.precision), pytrace=False)
+
+
+@pytest.mark.precision
+def test_gate(parity_run, gate_name, request):
+    """One gate across every prompt."""
+    found = [r for r in parity_run.precision.gate_results if r.gate.name == gate_name]
+    if not found:
+        pytest.skip(f"gate {gate_name} does not apply to platform "
+                    f"{parity_run.candidate.get('device')} or model {parity_run.reference_model.name}")
+    result = found[0]
+    for key, value in result.as_dict().items():
+        request.node.user_properties.append((key, value))
+    if not result.passed:
+        pytest.fail(gate_failure_message(result, parity_run.precision), pytrace=False)
