@@ -9,7 +9,7 @@ from typing import Any
 
 from llm_parity.engines.base import DTYPES, backends
 from llm_parity.models import ModelError, check_checkpoint_dir, is_local_reference
-from llm_parity.prompts import PromptSet, PromptsError, load_prompts
+from llm_parity.prompts import PromptsError, PromptSet, load_prompts
 from llm_parity.thresholds import ThresholdsError, load_thresholds, packaged_thresholds_path
 
 

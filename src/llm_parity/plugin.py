@@ -8,11 +8,14 @@ without one runs the suite only when asked (an llm-parity option, or `-m precisi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from llm_parity.config import OPTIONS, SettingsError, build_settings
+
+if TYPE_CHECKING:
+    from llm_parity.session import ParitySession
 
 SESSION_KEY = pytest.StashKey["ParitySession"]()
 MARKERS = {
@@ -90,7 +93,7 @@ def _under_args(path: Path, config: pytest.Config) -> bool:
     return False
 
 
-def parity_session(config: pytest.Config) -> "ParitySession":
+def parity_session(config: pytest.Config) -> ParitySession:
     return config.stash[SESSION_KEY]
 
 
@@ -108,7 +111,7 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
 
 
 @pytest.fixture(scope="session")
-def parity(request: pytest.FixtureRequest) -> "ParitySession":
+def parity(request: pytest.FixtureRequest) -> ParitySession:
     """The session's llm-parity state: settings, and the precision run on demand."""
     return parity_session(request.config)
 

