@@ -99,7 +99,7 @@ def parse_value(text: str) -> Any:
 def build_settings(raw: dict[str, Any], rootdir: Path) -> Settings:
     """Validate the raw option values (flag name without dashes -> value)."""
     candidate = raw["candidate"]
-    known = (*backends(), "openai", "auto")
+    known = (*backends(), "auto")
     if candidate not in known:
         raise SettingsError(f"--candidate: unknown backend {candidate!r}; expected one of: "
                             f"{', '.join(known)}")

@@ -9,7 +9,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llm_parity.config import Settings
-from llm_parity.engines.base import EngineError, EngineSpec, build_engine, check_next_token
+from llm_parity.engines.base import (
+    EngineError,
+    EngineSpec,
+    build_engine,
+    check_next_token,
+    engine_class,
+)
 from llm_parity.models import ModelError, ResolvedModel, checkpoint_card, resolve_model
 from llm_parity.precision import PrecisionResult, compare_prompts
 from llm_parity.thresholds import Thresholds, load_thresholds
@@ -100,6 +106,30 @@ def run_precision(settings: Settings, environment: dict[str, Any]) -> Run:
     card = checkpoint_card(reference_model.path)
     backend = resolve_candidate_backend(settings.candidate)
 
+    k = settings.logprobs
+    reference_spec = EngineSpec(
+        model=str(reference_model.path),
+        dtype=settings.reference_dtype,
+        device=settings.reference_device,
+        trust_remote_code=settings.trust_remote_code,
+        role="reference (hf)",
+        logprobs=k,
+    )
+    candidate_spec = EngineSpec(
+        model=str(candidate_model.path),
+        tokenizer=str(candidate_model.path),
+        dtype=settings.candidate_dtype,
+        device=settings.candidate_device,
+        trust_remote_code=settings.trust_remote_code,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        options=dict(settings.candidate_options),
+        role=f"candidate ({backend})",
+        logprobs=k,
+    )
+    # Before anything heavy: is every asked device here, does the backend import?
+    engine_class("hf").preflight(reference_spec)
+    engine_class(backend).preflight(candidate_spec)
+
     # Tokenize once with the reference tokenizer; the candidate scores the same ids.
     tokenizer = load_tokenizer(reference_model.path, settings.trust_remote_code)
     token_ids = tokenize_prompts(tokenizer, settings.prompts)
@@ -114,28 +144,8 @@ def run_precision(settings: Settings, environment: dict[str, Any]) -> Run:
         )
     timings["prepare_s"] = time.perf_counter() - started
 
-    k = settings.logprobs
-    reference_spec = EngineSpec(
-        model=str(reference_model.path),
-        dtype=settings.reference_dtype,
-        device=settings.reference_device,
-        trust_remote_code=settings.trust_remote_code,
-        role="reference (hf)",
-        logprobs=k,
-    )
     reference, reference_info = _score(
         "hf", reference_spec, token_ids, k, settings, timings, "reference"
-    )
-    candidate_spec = EngineSpec(
-        model=str(candidate_model.path),
-        tokenizer=str(candidate_model.path),
-        dtype=settings.candidate_dtype,
-        device=settings.candidate_device,
-        trust_remote_code=settings.trust_remote_code,
-        tensor_parallel_size=settings.tensor_parallel_size,
-        options=dict(settings.candidate_options),
-        role=f"candidate ({backend})",
-        logprobs=k,
     )
     candidate, candidate_info = _score(
         backend, candidate_spec, token_ids, k, settings, timings, "candidate",

@@ -58,6 +58,10 @@ class Engine(abc.ABC):
     def __init__(self, spec: EngineSpec) -> None:
         self.spec = spec
 
+    @classmethod
+    def preflight(cls, spec: EngineSpec) -> None:
+        """Cheap checks (is the asked device here?) run before any model is loaded."""
+
     @abc.abstractmethod
     def next_token(self, prompts: Sequence[Sequence[int]], k: int) -> list[NextToken]:
         """Score the token after each prompt; all prompts in one call."""

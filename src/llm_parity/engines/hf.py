@@ -39,6 +39,10 @@ class HfEngine(Engine):
         self._torch = torch
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
+    @classmethod
+    def preflight(cls, spec: EngineSpec) -> None:
+        resolve_device(spec.device, spec.role)
+
     def describe(self) -> dict[str, Any]:
         return {"backend": self.backend, "device": self.device, "dtype": self.spec.dtype}
 

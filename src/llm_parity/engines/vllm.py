@@ -25,20 +25,28 @@ def platform_device() -> str:
 class VllmEngine(Engine):
     backend = "vllm"
 
-    def __init__(self, spec: EngineSpec) -> None:
-        super().__init__(spec)
+    @classmethod
+    def preflight(cls, spec: EngineSpec) -> str:
+        """vLLM picks its platform itself; refuse a device it did not pick."""
         try:
-            import vllm
+            import vllm  # noqa: F401
         except ImportError as exc:
             raise EngineError(f"{spec.role}: vllm is not importable here ({exc})") from exc
-        self.version = vllm.__version__
-        self.device = platform_device()
+        device = platform_device()
         asked = spec.device.split(":")[0]
-        if asked not in ("auto", self.device):
+        if asked not in ("auto", device):
             raise EngineError(
                 f"{spec.role}: device {spec.device!r} was asked for, but vLLM selected the "
-                f"{self.device!r} platform here (for npu, install vllm-ascend and torch_npu)"
+                f"{device!r} platform here (for npu, install vllm-ascend and torch_npu)"
             )
+        return device
+
+    def __init__(self, spec: EngineSpec) -> None:
+        super().__init__(spec)
+        import vllm
+
+        self.version = vllm.__version__
+        self.device = self.preflight(spec)
         kwargs: dict[str, Any] = {
             "model": spec.model,
             "tokenizer": spec.tokenizer or spec.model,

@@ -1,0 +1,58 @@
+"""The `llm-parity` command: write stand-in checkpoints, and other tools around the suite."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _toy_model(args: argparse.Namespace) -> int:
+    from llm_parity.toymodel import write_toy_model
+
+    path = write_toy_model(Path(args.dir))
+    print(f"wrote the embedded toy model to {path}")
+    return 0
+
+
+def _pleias_shape(args: argparse.Namespace) -> int:
+    from llm_parity.models import checkpoint_card
+    from llm_parity.toymodel import write_pleias_shape
+
+    path = write_pleias_shape(Path(args.dir), seed=args.seed)
+    card = checkpoint_card(path)
+    print(f"wrote a randomly initialised Pleias-RAG-350M-shaped checkpoint to {path}: "
+          f"{card['parameters']:,} parameters in {card['tensors']} tensors, "
+          f"{card['weight_bytes'] / 1e6:.0f} MB")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llm-parity", description="Tools around the llm-parity pytest suite."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    toy = commands.add_parser("toy-model", help="write the embedded toy model as a HF checkpoint")
+    toy.add_argument("dir", help="destination directory (must not exist or be empty)")
+    toy.set_defaults(run=_toy_model)
+    pleias = commands.add_parser(
+        "pleias-shape",
+        help="write a random checkpoint with PleIAs/Pleias-RAG-350M's exact config.json",
+    )
+    pleias.add_argument("dir", help="destination directory (must not exist or be empty)")
+    pleias.add_argument("--seed", type=int, default=0, help="weight initialisation seed (0)")
+    pleias.set_defaults(run=_pleias_shape)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, OSError) as exc:
+        print(f"llm-parity {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

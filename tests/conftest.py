@@ -1,0 +1,43 @@
+"""Shared helpers for the project's own tests."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "engine: starts a real engine; tens of seconds")
+
+
+def junit_cases(path):
+    """{test name: (outcome, {property: value})} from a JUnit XML file."""
+    root = ET.parse(path).getroot()
+    cases = {}
+    for case in root.iter("testcase"):
+        outcome = "passed"
+        for tag in ("failure", "error", "skipped"):
+            if case.find(tag) is not None:
+                outcome = tag
+        props = {p.get("name"): p.get("value") for p in case.iter("property")}
+        cases[case.get("name")] = (outcome, props)
+    return cases
+
+
+def junit_suite_properties(path):
+    root = ET.parse(path).getroot()
+    suite = root.find("testsuite") if root.tag == "testsuites" else root
+    props = suite.find("properties")
+    return {} if props is None else {p.get("name"): p.get("value") for p in props}
+
+
+@pytest.fixture
+def read_json():
+    def read(path):
+        return json.loads(path.read_text())
+
+    return read
