@@ -12,6 +12,7 @@ pytest_plugins = ["pytester"]
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "engine: starts a real engine; tens of seconds")
+    config.addinivalue_line("markers", "vllm: needs the vllm package (skipped where absent)")
 
 
 def junit_cases(path):
@@ -41,3 +42,12 @@ def read_json():
         return json.loads(path.read_text())
 
     return read
+
+
+
+def needs_vllm(test):
+    """Marks a test `vllm` (CI deselects it under transformers 4.51) and skips it without vllm."""
+    import importlib.util
+
+    absent = importlib.util.find_spec("vllm") is None
+    return pytest.mark.vllm(pytest.mark.skipif(absent, reason="vllm is not installed here")(test))
