@@ -23,6 +23,14 @@ SPEC_GATE = {"name", "metric", "aggregate", "bound", "threshold", "value", "pass
 SPEC_PROMPT = {"id", "prompt", "reference_top1", "candidate_top1", "top1_match", "cosine", "kl"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def torch_loaded_before_pytester():
+    """pytester drops modules first imported during a test; torch cannot be imported twice."""
+    import torch
+
+    return torch
+
+
 def run_suite(pytester, *args):
     return pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", "-m", "precision", "--junitxml", "junit.xml",

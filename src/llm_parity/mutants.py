@@ -24,12 +24,12 @@ def _edit_config(path: Path, **changes) -> None:
 
 def _edit_weights(path: Path, edit: Callable[[dict], dict]) -> None:
     import torch  # noqa: F401  (safetensors.torch needs it)
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load, save
 
     weights_path = path / "model.safetensors"
-    tensors = load_file(str(weights_path))
-    tensors = edit(tensors)
-    save_file(tensors, str(weights_path), metadata={"format": "pt"})
+    # Read into memory, not a memory map: the same file is rewritten below.
+    tensors = edit(load(weights_path.read_bytes()))
+    weights_path.write_bytes(save(tensors, metadata={"format": "pt"}))
 
 
 def _layer_names(tensors: dict, layer: int) -> list[str]:
@@ -46,8 +46,8 @@ def rope_theta(path: Path) -> None:
     _edit_config(path, **changes)
 
 
-def layer_noise(path: Path, layer: int = 1, scale: float = 0.05, seed: int = 0) -> None:
-    """One layer's weights perturbed (a bad conversion of one shard)."""
+def layer_noise(path: Path, layer: int = 1, scale: float = 0.5, seed: int = 0) -> None:
+    """One layer's matrices perturbed by noise at half their spread (a bad shard conversion)."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
