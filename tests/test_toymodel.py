@@ -138,7 +138,11 @@ def test_next_token_distributions_have_structure():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(toy_model_dir())
-    model = AutoModelForCausalLM.from_pretrained(toy_model_dir(), dtype=torch.float32)
+    from llm_parity.engines._torch import transformers_dtype_kwarg
+
+    model = AutoModelForCausalLM.from_pretrained(
+        toy_model_dir(), **{transformers_dtype_kwarg(): torch.float32}
+    )
     model.eval()
     max_probs, entropies = [], []
     with torch.no_grad():

@@ -50,6 +50,14 @@ class NextToken:
     full_logprobs: np.ndarray | None = None
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """What greedy decoding produced: the tokens, and the view before each of them."""
+
+    token_ids: list[int]
+    steps: list[NextToken]
+
+
 class Engine(abc.ABC):
     """A built engine. Subclasses register a backend name with `register`."""
 
@@ -65,6 +73,20 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def next_token(self, prompts: Sequence[Sequence[int]], k: int) -> list[NextToken]:
         """Score the token after each prompt; all prompts in one call."""
+
+    def score(
+        self, sequences: Sequence[Sequence[int]], starts: Sequence[int], k: int
+    ) -> list[list[NextToken]]:
+        """Teacher-forced: for each sequence, the next-token view at every position from its
+        start to the second-to-last token (the prefill path), all sequences in one call."""
+        raise EngineError(f"the {self.backend} backend cannot score whole sequences")
+
+    def greedy(
+        self, prompts: Sequence[Sequence[int]], steps: int, k: int
+    ) -> list[Decoded]:
+        """Free-running: greedy decoding of `steps` tokens (end-of-sequence ignored), with the
+        next-token view at every step (the decode path: KV cache, decode kernels)."""
+        raise EngineError(f"the {self.backend} backend cannot decode")
 
     @abc.abstractmethod
     def describe(self) -> dict[str, Any]:

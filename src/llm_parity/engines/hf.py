@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from llm_parity.engines._torch import resolve_device, torch_dtype, transformers_dtype_kwarg
-from llm_parity.engines.base import Engine, EngineError, EngineSpec, NextToken
+from llm_parity.engines.base import Decoded, Engine, EngineError, EngineSpec, NextToken
 
 
 class HfEngine(Engine):
@@ -63,11 +63,41 @@ class HfEngine(Engine):
             return logits.double().log_softmax(-1).cpu().numpy()
 
     def next_token(self, prompts: Sequence[Sequence[int]], k: int) -> list[NextToken]:
+        return [_as_next_token(self.position_logprobs(ids, [len(ids) - 1])[0], k)
+                for ids in prompts]
+
+    def score(
+        self, sequences: Sequence[Sequence[int]], starts: Sequence[int], k: int
+    ) -> list[list[NextToken]]:
+        results = []
+        for ids, start in zip(sequences, starts, strict=True):
+            rows = self.position_logprobs(ids, range(start, len(ids) - 1))
+            results.append([_as_next_token(row, k) for row in rows])
+        return results
+
+    def greedy(self, prompts: Sequence[Sequence[int]], steps: int, k: int) -> list[Decoded]:
+        """Greedy decoding with the KV cache; argmax of the float64 log-probs, EOS ignored."""
+        torch = self._torch
         results = []
         for ids in prompts:
-            row = self.position_logprobs(ids, [len(ids) - 1])[0]
-            top = np.argsort(-row, kind="stable")[:k]
-            results.append(NextToken(token_ids=top, logprobs=row[top], full_logprobs=row))
+            tokens: list[int] = []
+            views: list[NextToken] = []
+            with torch.inference_mode():
+                out = self.model(input_ids=torch.tensor([list(ids)], device=self.device),
+                                 use_cache=True)
+                for _ in range(steps):
+                    row = out.logits[0, -1].double().log_softmax(-1).cpu().numpy()
+                    views.append(_as_next_token(row, k))
+                    token = int(np.argmax(row))
+                    tokens.append(token)
+                    if len(tokens) == steps:
+                        break
+                    out = self.model(
+                        input_ids=torch.tensor([[token]], device=self.device),
+                        past_key_values=out.past_key_values,
+                        use_cache=True,
+                    )
+            results.append(Decoded(tokens, views))
         return results
 
     def close(self) -> None:
@@ -78,3 +108,7 @@ class HfEngine(Engine):
         if self.device.startswith("cuda"):
             self._torch.cuda.empty_cache()
 
+
+def _as_next_token(row: np.ndarray, k: int) -> NextToken:
+    top = np.argsort(-row, kind="stable")[:k]
+    return NextToken(token_ids=top, logprobs=row[top], full_logprobs=row)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from llm_parity.engines.base import Engine, EngineError, EngineSpec, NextToken
+from llm_parity.engines.base import Decoded, Engine, EngineError, EngineSpec, NextToken
 
 # On CPU, vLLM otherwise reserves a share of the NUMA node's memory for the KV cache
 # (~5 GB resident even for the toy model); 1 GiB holds ~10k tokens of Pleias-RAG-350M.
@@ -104,6 +104,33 @@ class VllmEngine(Engine):
         params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=k, detokenize=False)
         outputs = self._generate(prompts, params, f"scoring {len(prompts)} prompts")
         return [_top_k(out.outputs[0].logprobs[0], k) for out in outputs]
+
+    def score(
+        self, sequences: Sequence[Sequence[int]], starts: Sequence[int], k: int
+    ) -> list[list[NextToken]]:
+        from vllm import SamplingParams
+
+        # prompt_logprobs[j] is the view of token j given tokens before it (entry 0 is None),
+        # so the view after position i is entry i + 1.
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k,
+                                detokenize=False)
+        outputs = self._generate(sequences, params, f"scoring {len(sequences)} sequences")
+        return [
+            [_top_k(out.prompt_logprobs[i + 1], k) for i in range(start, len(ids) - 1)]
+            for out, ids, start in zip(outputs, sequences, starts, strict=True)
+        ]
+
+    def greedy(self, prompts: Sequence[Sequence[int]], steps: int, k: int) -> list[Decoded]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=steps, temperature=0.0, logprobs=k,
+                                ignore_eos=True, detokenize=False)
+        outputs = self._generate(prompts, params, f"decoding {len(prompts)} prompts")
+        return [
+            Decoded(list(out.outputs[0].token_ids),
+                    [_top_k(step, k) for step in out.outputs[0].logprobs])
+            for out in outputs
+        ]
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)
