@@ -11,6 +11,15 @@ import sys
 
 import pytest
 
+from llm_parity.prompts import load_prompts, packaged_prompts_path
+from llm_parity.thresholds import load_thresholds, packaged_thresholds_path
+
+
+def long_prompt_count():
+    path = packaged_prompts_path("rag_long")
+    return len(load_prompts(path)) if path.is_file() else 0
+
+
 GOOD_GATE = '[precision.gates.kl_mean]\nmetric = "kl"\naggregate = "mean"\nmax = 0.01\n'
 
 
@@ -115,9 +124,15 @@ def test_collects_the_suite_from_the_thresholds_file(pytester):
     result.stdout.fnmatch_lines([
         "thresholds.toml::test_prompt[[]p001[]]",
         "thresholds.toml::test_prompt[[]p002[]]",
+        "thresholds.toml::test_sequence[[]p001[]]",
+        "thresholds.toml::test_decode[[]p002[]]",
         "thresholds.toml::test_gate[[]kl_mean[]]",
-        "3 tests collected*",
     ])
+    assert f"{2 + 2 * (2 + long_prompt_count()) + 1} tests collected" in result.stdout.str()
+    # --continuation 0 keeps to the founding protocol: first token only.
+    founding = pytester.runpytest_subprocess("--collect-only", "-q", "--prompts", "prompts.txt",
+                                             "--continuation", "0")
+    assert "3/5 tests collected (2 deselected)" in founding.stdout.str()
 
 
 def test_packaged_suite_runs_when_asked_without_a_local_file(pytester):
@@ -126,7 +141,9 @@ def test_packaged_suite_runs_when_asked_without_a_local_file(pytester):
     out = result.stdout.str()
     assert "llm-parity::test_prompt[rag-01]" in out and "llm-parity::test_prompt[rag-25]" in out
     assert "llm-parity::test_gate[top1_match_rate]" in out
-    assert "29 tests collected" in out
+    assert "llm-parity::test_sequence[rag-01]" in out and "llm-parity::test_decode[rag-25]" in out
+    gates = len(load_thresholds(packaged_thresholds_path()).gates)
+    assert f"{25 + 2 * (25 + long_prompt_count()) + gates} tests collected" in out
 
 
 def test_platform_only_gates_are_collected_and_marked(pytester):

@@ -12,6 +12,8 @@ import pytest
 from conftest import junit_cases, junit_suite_properties, needs_vllm
 
 from llm_parity.mutants import make_mutant
+from llm_parity.prompts import load_prompts, packaged_prompts_path
+from llm_parity.thresholds import load_thresholds, packaged_thresholds_path
 from llm_parity.toymodel import toy_model_dir
 
 pytestmark = pytest.mark.engine
@@ -29,6 +31,13 @@ def torch_loaded_before_pytester():
     import torch
 
     return torch
+
+
+def suite_size():
+    """How many tests the packaged suite holds: prompts, depth prompts twice, gates."""
+    long_path = packaged_prompts_path("rag_long")
+    long_count = len(load_prompts(long_path)) if long_path.is_file() else 0
+    return 25 + 2 * (25 + long_count) + len(load_thresholds(packaged_thresholds_path()).gates)
 
 
 def run_suite(pytester, *args):
@@ -52,7 +61,7 @@ def check_verdict_shape(verdict):
 def test_hf_candidate_passes_with_every_value_recorded(pytester, read_json):
     result = run_suite(pytester, "--candidate", "hf")
     assert result.ret == 0, result.stdout.str()
-    result.assert_outcomes(passed=29)
+    result.assert_outcomes(passed=suite_size())
     out = result.stdout.str()
     assert "verdict: PASS" in out and "candidate: hf on cpu in bfloat16" in out
 
@@ -87,7 +96,7 @@ def test_hf_candidate_passes_with_every_value_recorded(pytester, read_json):
 def test_vllm_candidate_passes_on_the_toy_model(pytester, read_json):
     result = run_suite(pytester, "--candidate", "vllm")
     assert result.ret == 0, result.stdout.str()
-    result.assert_outcomes(passed=29)
+    result.assert_outcomes(passed=suite_size())
     verdict = read_json(pytester.path / "verdict.json")
     check_verdict_shape(verdict)
     assert verdict["candidate"]["backend"] == "vllm"
@@ -129,7 +138,7 @@ def test_nan_weights_are_named_before_any_gate_is_judged(pytester, read_json):
     broken = make_mutant(toy_model_dir(), pytester.path / "broken", "nan_weights")
     result = run_suite(pytester, "--candidate", "hf", "--candidate-model", str(broken))
     assert result.ret == pytest.ExitCode.TESTS_FAILED
-    result.assert_outcomes(errors=29)
+    result.assert_outcomes(errors=suite_size())
     result.stdout.fnmatch_lines(["*candidate (hf), prompt rag-01: * NaN or infinite*"])
     verdict = read_json(pytester.path / "verdict.json")
     assert verdict["verdict"] == "error" and "NaN" in verdict["error"]
@@ -147,7 +156,7 @@ def test_tokenizer_that_differs_is_refused_before_models_load(pytester):
     (other / "tokenizer.json").write_text(json.dumps(data))
     result = run_suite(pytester, "--candidate", "hf", "--candidate-model", str(other))
     assert result.ret == pytest.ExitCode.TESTS_FAILED
-    result.assert_outcomes(errors=29)
+    result.assert_outcomes(errors=suite_size())
     result.stdout.fnmatch_lines(["*the candidate's tokenizer gives other token ids*"])
     assert "reference_load" not in result.stdout.str()
 
@@ -155,7 +164,7 @@ def test_tokenizer_that_differs_is_refused_before_models_load(pytester):
 def test_missing_device_fails_loudly(pytester):
     result = run_suite(pytester, "--candidate", "hf", "--candidate-device", "cuda")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
-    result.assert_outcomes(errors=29)
+    result.assert_outcomes(errors=suite_size())
     result.stdout.fnmatch_lines(["*device 'cuda' was asked for but is not available here*"])
 
 

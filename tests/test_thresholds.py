@@ -27,7 +27,11 @@ def test_packaged_defaults_are_the_founding_gates():
     assert (gates["cosine_mean"].bound, gates["cosine_mean"].threshold) == ("min", 0.99)
     assert (gates["kl_mean"].bound, gates["kl_mean"].threshold) == ("max", 0.01)
     assert (gates["spearman_mean"].bound, gates["spearman_mean"].threshold) == ("min", 0.95)
-    assert {g.name for g in t.prompt_gates} == {"kl", "cosine", "top1_defect"}
+    assert {g.name for g in t.prompt_gates} == {"kl", "cosine", "top1_defect", "sequence_kl_mean"}
+    depth = {g.name: g.over for g in t.gates if g.over != "first_token"}
+    assert depth == {"sequence_kl_mean": "sequence", "sequence_kl_p99": "sequence",
+                     "sequence_top1_defect_rate": "sequence", "decode_kl_mean": "decode",
+                     "decode_top1_defect_rate": "decode"}
     # The founding performance grid: 4 eager cases, 3 compiled.
     assert [c.id for c in t.grid] == [
         "eager-in16-out100", "eager-in32-out100", "eager-in64-out100", "eager-in128-out100",
@@ -135,6 +139,8 @@ max = 1.0
         ('[platforms.npu.precision.gates.kl_mean]\nmaxx = 1\n',
          "[platforms.npu.precision.gates.kl_mean] unknown key 'maxx'"),
         ("precision = 3\n", "[precision] must be a table, got an integer"),
+        ('[precision.gates.x]\nmetric = "kl"\nover = "prefill"\nmax = 1\n',
+         "over must be one of first_token, sequence, decode, got 'prefill'"),
         ("[precision\n", "not valid TOML"),
     ],
 )

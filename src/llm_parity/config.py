@@ -9,7 +9,7 @@ from typing import Any
 
 from llm_parity.engines.base import DTYPES, backends
 from llm_parity.models import ModelError, check_checkpoint_dir, is_local_reference
-from llm_parity.prompts import PromptsError, PromptSet, load_prompts
+from llm_parity.prompts import PromptsError, PromptSet, load_prompts, packaged_prompts_path
 from llm_parity.thresholds import ThresholdsError, load_thresholds, packaged_thresholds_path
 
 
@@ -52,6 +52,11 @@ OPTIONS = (
     Option("--prompts", "prompt set file: .json, .jsonl or .txt (default: the packaged 25 RAG "
            "prompts)"),
     Option("--logprobs", "top-k log-probs asked of the candidate (default: 20)", 20, "int"),
+    Option("--continuation", "tokens the reference continues each prompt for the "
+           "teacher-forced and free-running comparisons; 0 keeps to the first token "
+           "(default: 32)", 32, "int"),
+    Option("--long-prompts", "long-context prompt set for those comparisons, or 'none' "
+           "(default: the packaged RAG contexts of 300-1900 tokens)"),
     Option("--parity-json", "write the machine-readable verdict to this path (default: off)"),
     Option("--parity-report", "write the human report, Markdown (default: off)"),
     Option("--candidate-option", "KEY=VALUE passed to the candidate engine's constructor, "
@@ -81,6 +86,8 @@ class Settings:
     tensor_parallel_size: int = 1
     trust_remote_code: bool = False
     thresholds_explicit: bool = False
+    continuation: int = 32
+    long_prompts: PromptSet | None = None
 
 
 def parse_value(text: str) -> Any:
@@ -113,6 +120,7 @@ def build_settings(raw: dict[str, Any], rootdir: Path) -> Settings:
                                 "cuda, npu or xpu (optionally with :index)")
     logprobs = _positive_int(raw["logprobs"], "--logprobs")
     tp = _positive_int(raw["tensor-parallel-size"], "--tensor-parallel-size")
+    continuation = _positive_int(raw["continuation"], "--continuation", minimum=0)
     for flag in ("model", "candidate-model"):
         name = raw[flag]
         if name and is_local_reference(name):
@@ -134,6 +142,7 @@ def build_settings(raw: dict[str, Any], rootdir: Path) -> Settings:
     try:
         load_thresholds(thresholds_path)  # the whole file, every override, checked now
         prompts = load_prompts(raw["prompts"] or None)
+        long_prompts = _long_prompts(raw["long-prompts"], continuation)
     except (ThresholdsError, PromptsError) as exc:
         raise SettingsError(str(exc)) from None
     options = {}
@@ -161,16 +170,28 @@ def build_settings(raw: dict[str, Any], rootdir: Path) -> Settings:
         tensor_parallel_size=tp,
         trust_remote_code=bool(raw["trust-remote-code"]),
         thresholds_explicit=thresholds_explicit,
+        continuation=continuation,
+        long_prompts=long_prompts,
     )
 
 
-def _positive_int(value: Any, flag: str) -> int:
+def _long_prompts(value: str | None, continuation: int) -> PromptSet | None:
+    if continuation == 0 or (value or "").lower() == "none":
+        return None
+    if value:
+        return load_prompts(value)
+    packaged = packaged_prompts_path("rag_long")
+    return load_prompts(packaged) if packaged.is_file() else None
+
+
+def _positive_int(value: Any, flag: str, minimum: int = 1) -> int:
+    what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
     try:
         number = int(value)
     except (TypeError, ValueError):
-        raise SettingsError(f"{flag}: expected a positive integer, got {value!r}") from None
-    if number < 1:
-        raise SettingsError(f"{flag}: expected a positive integer, got {number}")
+        raise SettingsError(f"{flag}: expected {what}, got {value!r}") from None
+    if number < minimum:
+        raise SettingsError(f"{flag}: expected {what}, got {number}")
     return number
 
 

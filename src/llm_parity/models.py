@@ -188,6 +188,7 @@ def checkpoint_card(path: Path) -> dict[str, Any]:
         "attention_heads": config.get("num_attention_heads"),
         "kv_heads": config.get("num_key_value_heads"),
         "vocab_size": config.get("vocab_size"),
+        "max_position_embeddings": config.get("max_position_embeddings"),
         "rope_theta": config.get("rope_theta")
         or (config.get("rope_parameters") or {}).get("rope_theta"),
         "tie_word_embeddings": config.get("tie_word_embeddings"),

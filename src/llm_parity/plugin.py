@@ -110,6 +110,24 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
     return ParitySuite.from_parent(parent, path=file_path, nodeid="llm-parity")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    session = config.stash.get(SESSION_KEY, None)
+    if session is None or session.settings.continuation:
+        return
+    # --continuation 0: the depth tests have nothing to compare; leave them out, counted.
+    depth = [i for i in items if getattr(i, "originalname", "") in ("test_sequence", "test_decode")
+             and isinstance(i.parent, _suite_class())]
+    if depth:
+        config.hook.pytest_deselected(items=depth)
+        items[:] = [i for i in items if i not in depth]
+
+
+def _suite_class():
+    from llm_parity.suite_collector import ParitySuite
+
+    return ParitySuite
+
+
 @pytest.fixture(scope="session")
 def parity(request: pytest.FixtureRequest) -> ParitySession:
     """The session's llm-parity state: settings, and the precision run on demand."""

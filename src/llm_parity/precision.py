@@ -8,13 +8,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm_parity.engines.base import NextToken
+from llm_parity.engines.base import Decoded, NextToken
 from llm_parity.metrics import PositionComparison, compare_position
 from llm_parity.prompts import Prompt
 from llm_parity.thresholds import Gate, GateResult, Thresholds
 
 # Metrics summarised in the verdict's "aggregate" block, as <metric>_mean.
 HEADLINE_METRICS = ("cosine", "kl", "js", "spearman", "mae")
+# What a gate can be over: the founding protocol's first generated token, every position
+# of a teacher-forced continuation (prefill path), or free-running greedy decoding.
+VIEWS = ("first_token", "sequence", "decode")
 
 
 @dataclass
@@ -38,11 +41,26 @@ class PositionResult:
 
 
 @dataclass
+class Divergence:
+    """Where free-running decoding first chose another token than the reference."""
+
+    step: int
+    reference_token: str
+    candidate_token: str
+    reference_margin: float
+    near_tie: bool
+    context: str  # the text just before the divergent token
+
+
+@dataclass
 class PromptResult:
     prompt: Prompt
     token_count: int
     positions: list[PositionResult]
     gate_results: list[GateResult] = field(default_factory=list)
+    view: str = "first_token"
+    steps: int = 0  # decode: steps generated; the positions compared stop at the divergence
+    divergence: Divergence | None = None
 
     @property
     def passed(self) -> bool:
@@ -62,13 +80,25 @@ class PrecisionResult:
     gate_results: list[GateResult]
     near_tie_margin: float
     k: int
+    sequences: list[PromptResult] = field(default_factory=list)
+    decodes: list[PromptResult] = field(default_factory=list)
+
+    def view(self, name: str) -> list[PromptResult]:
+        return {"first_token": self.prompts, "sequence": self.sequences,
+                "decode": self.decodes}[name]
+
+    @property
+    def all_prompt_results(self) -> list[PromptResult]:
+        return [*self.prompts, *self.sequences, *self.decodes]
 
     @property
     def passed(self) -> bool:
-        return all(r.passed for r in self.gate_results) and all(p.passed for p in self.prompts)
+        return all(r.passed for r in self.gate_results) and all(
+            p.passed for p in self.all_prompt_results
+        )
 
-    def values(self, metric: str) -> list[Any]:
-        return [v for p in self.prompts for v in p.values(metric)]
+    def values(self, metric: str, view: str = "first_token") -> list[Any]:
+        return [v for p in self.view(view) for v in p.values(metric)]
 
     def has_metric(self, metric: str) -> bool:
         return all(v is not None for v in self.values(metric))
@@ -98,41 +128,112 @@ def compare_prompts(
     k: int,
     decode: Callable[[int], str] = str,
 ) -> PrecisionResult:
-    """First-token comparison of every prompt, then every gate evaluated."""
+    """First-token comparison of every prompt (the founding protocol)."""
     results = []
     for prompt, ids, ref, cand in zip(prompts, token_ids, reference, candidate, strict=True):
-        assert ref.full_logprobs is not None, "the reference must expose the full vocabulary"
-        comparison = compare_position(
-            ref.full_logprobs, cand.token_ids[:k], cand.logprobs[:k], cand.full_logprobs
-        )
-        position = PositionResult(
-            position=len(ids) - 1,
-            comparison=comparison,
-            near_tie=(not comparison.top1_match)
-            and comparison.top1_margin < thresholds.near_tie_margin,
-            reference_top1_text=decode(comparison.reference_top1),
-            candidate_top1_text=decode(comparison.candidate_top1),
-        )
+        position = compare_view(len(ids) - 1, ref, cand, thresholds.near_tie_margin, k, decode)
         results.append(PromptResult(prompt, len(ids), [position]))
-    return evaluate_gates(results, thresholds, k=k)
+    return evaluate_gates(PrecisionResult(results, [], thresholds.near_tie_margin, k), thresholds)
 
 
-def evaluate_gates(
-    results: list[PromptResult], thresholds: Thresholds, *, k: int
-) -> PrecisionResult:
-    for prompt in results:
-        prompt.gate_results = [
-            _evaluate(gate, prompt.values(gate.metric)) for gate in thresholds.prompt_gates
+def compare_view(
+    position: int,
+    reference: NextToken,
+    candidate: NextToken,
+    near_tie_margin: float,
+    k: int,
+    decode: Callable[[int], str],
+) -> PositionResult:
+    assert reference.full_logprobs is not None, "the reference must expose the full vocabulary"
+    comparison = compare_position(
+        reference.full_logprobs, candidate.token_ids[:k], candidate.logprobs[:k],
+        candidate.full_logprobs,
+    )
+    return PositionResult(
+        position=position,
+        comparison=comparison,
+        near_tie=(not comparison.top1_match) and comparison.top1_margin < near_tie_margin,
+        reference_top1_text=decode(comparison.reference_top1),
+        candidate_top1_text=decode(comparison.candidate_top1),
+    )
+
+
+def compare_sequences(
+    prompts: Sequence[Prompt],
+    token_ids: Sequence[Sequence[int]],
+    reference: Sequence[Decoded],
+    candidate: Sequence[Sequence[NextToken]],
+    *,
+    near_tie_margin: float,
+    k: int,
+    decode: Callable[[int], str] = str,
+) -> list[PromptResult]:
+    """Teacher-forced: the candidate scored prompt + the reference's continuation; every
+    position of the continuation is compared with the reference's view there."""
+    results = []
+    for prompt, ids, ref, cand in zip(prompts, token_ids, reference, candidate, strict=True):
+        positions = [
+            compare_view(len(ids) - 1 + j, r, c, near_tie_margin, k, decode)
+            for j, (r, c) in enumerate(zip(ref.steps, cand, strict=True))
         ]
-    precision = PrecisionResult(results, [], thresholds.near_tie_margin, k)
+        results.append(PromptResult(prompt, len(ids), positions, view="sequence",
+                                    steps=len(positions)))
+    return results
+
+
+def compare_decodes(
+    prompts: Sequence[Prompt],
+    token_ids: Sequence[Sequence[int]],
+    reference: Sequence[Decoded],
+    candidate: Sequence[Decoded],
+    *,
+    near_tie_margin: float,
+    k: int,
+    decode: Callable[[int], str] = str,
+    text: Callable[[Sequence[int]], str] = str,
+) -> list[PromptResult]:
+    """Free-running: compare each step while the candidate's tokens equal the reference's;
+    the first divergent step is still compared (same prefix) and then reported."""
+    results = []
+    for prompt, ids, ref, cand in zip(prompts, token_ids, reference, candidate, strict=True):
+        positions = []
+        divergence = None
+        for j, (r, c) in enumerate(zip(ref.steps, cand.steps)):
+            position = compare_view(len(ids) - 1 + j, r, c, near_tie_margin, k, decode)
+            positions.append(position)
+            if cand.token_ids[j] != ref.token_ids[j]:
+                divergence = Divergence(
+                    step=j,
+                    reference_token=decode(ref.token_ids[j]),
+                    candidate_token=decode(cand.token_ids[j]),
+                    reference_margin=position.comparison.top1_margin,
+                    near_tie=position.comparison.top1_margin < near_tie_margin,
+                    context=text(list(ids[-12:]) + list(ref.token_ids[:j])),
+                )
+                break
+        results.append(PromptResult(prompt, len(ids), positions, view="decode",
+                                    steps=len(cand.token_ids), divergence=divergence))
+    return results
+
+
+def evaluate_gates(precision: PrecisionResult, thresholds: Thresholds) -> PrecisionResult:
+    """Every per-prompt gate on each prompt of its view, every run gate across its view."""
+    for view in VIEWS:
+        for prompt in precision.view(view):
+            prompt.gate_results = [
+                _evaluate(gate, prompt.values(gate.metric))
+                for gate in thresholds.prompt_gates if gate.over == view
+            ]
     precision.gate_results = [
-        _evaluate(gate, precision.values(gate.metric)) for gate in thresholds.gates
+        _evaluate(gate, precision.values(gate.metric, gate.over))
+        for gate in thresholds.gates
+        if gate.over == "first_token" or precision.view(gate.over)
     ]
     return precision
 
 
 def _evaluate(gate: Gate, values: list[Any]) -> GateResult:
-    if any(v is None for v in values):
+    if not values or any(v is None for v in values):
         # A full-vocabulary metric on a top-k-only candidate: the gate cannot be judged.
         return GateResult(gate, float("nan"), False)
     return gate.evaluate(values)

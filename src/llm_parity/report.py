@@ -57,10 +57,28 @@ def prompt_properties(result: PromptResult) -> list[tuple[str, Any]]:
         ("top1_match", comparison.top1_match),
         ("near_tie", first.near_tie),
     ]
-    for metric in _METRICS:
-        value = getattr(comparison, metric)
-        if value is not None:
-            props.append((metric, value))
+    if len(result.positions) == 1:
+        for metric in _METRICS:
+            value = getattr(comparison, metric)
+            if value is not None:
+                props.append((metric, value))
+    else:
+        props.append(("positions", len(result.positions)))
+        for metric in ("kl", "js", "cosine", "spearman", "mae", "p_tail"):
+            values = [float(v) for v in result.values(metric)]
+            props += [(f"{metric}_mean", sum(values) / len(values)),
+                      (f"{metric}_{'min' if metric in _HIGHER_IS_BETTER else 'max'}",
+                       min(values) if metric in _HIGHER_IS_BETTER else max(values))]
+        flips = [p for p in result.positions if not p.comparison.top1_match]
+        props += [("top1_flips", len(flips)), ("near_ties", sum(p.near_tie for p in flips))]
+    if result.view == "decode":
+        props.append(("steps_generated", result.steps))
+        d = result.divergence
+        props.append(("agreed_steps", d.step if d else len(result.positions)))
+        if d:
+            props += [("divergence_step", d.step), ("divergence_reference", d.reference_token),
+                      ("divergence_candidate", d.candidate_token),
+                      ("divergence_near_tie", d.near_tie)]
     for gate_result in result.gate_results:
         name = f"gate.{gate_result.gate.name}"
         props += [(f"{name}.{gate_result.gate.bound}", gate_result.gate.threshold),
@@ -82,20 +100,31 @@ def prompt_failure_message(result: PromptResult, precision: PrecisionResult) -> 
     lines = [f"prompt {result.prompt.id} ({result.token_count} tokens): "
              f"{result.prompt.text[:80]!r}"]
     lines += [f"  {_gate_line(r)}" for r in result.gate_results if not r.passed]
-    for position in result.positions:
-        if not position.comparison.top1_match:
-            lines.append("  " + _flip_line(position, precision.near_tie_margin))
-    c = result.first.comparison
-    lines.append(f"  first position: cosine {fmt(c.cosine)}, kl {fmt(c.kl)}, js {fmt(c.js)}, "
-                 f"spearman {fmt(c.spearman)}, reference tail {fmt(c.p_tail)}, "
-                 f"candidate tail {fmt(c.q_tail)}")
+    flips = [p for p in result.positions if not p.comparison.top1_match]
+    for position in flips[:5]:
+        lines.append("  " + _flip_line(position, precision.near_tie_margin))
+    if len(flips) > 5:
+        lines.append(f"  ... and {len(flips) - 5} more top-1 flips")
+    worst = max(result.positions, key=lambda p: p.comparison.kl)
+    c = worst.comparison
+    where = "" if len(result.positions) == 1 else (
+        f" (worst of {len(result.positions)} positions, at position {worst.position})")
+    lines.append(f"  cosine {fmt(c.cosine)}, kl {fmt(c.kl)}, js {fmt(c.js)}, spearman "
+                 f"{fmt(c.spearman)}, reference tail {fmt(c.p_tail)}, candidate tail "
+                 f"{fmt(c.q_tail)}{where}")
+    if result.divergence:
+        d = result.divergence
+        kind = "a near-tie" if d.near_tie else "a defect"
+        lines.append(f"  free-running decoding diverged at step {d.step}: reference "
+                     f"{d.reference_token}, candidate {d.candidate_token}, reference margin "
+                     f"{fmt(d.reference_margin)} ({kind}); text before it: {d.context[-80:]!r}")
     return "\n".join(lines)
 
 
-def worst_prompts(precision: PrecisionResult, metric: str, n: int = 3):
+def worst_prompts(precision: PrecisionResult, metric: str, n: int = 3, view: str = "first_token"):
     """The prompts that pull a metric the wrong way, worst first."""
     scored = []
-    for prompt in precision.prompts:
+    for prompt in precision.view(view):
         values = [v for v in prompt.values(metric) if v is not None]
         if not values:
             continue
@@ -112,12 +141,16 @@ def gate_failure_message(result: GateResult, precision: PrecisionResult) -> str:
     if math.isnan(result.value):
         return (f"gate {gate.name}: {gate.metric} could not be measured (a full-vocabulary "
                 "metric needs a candidate that exposes the full vocabulary, e.g. hf)")
-    lines = [f"gate {gate.name}: {_gate_line(result)}"]
+    lines = [f"gate {gate.name}: {_gate_line(result)}"
+             + ("" if gate.over == "first_token" else f", over {gate.over} positions")]
     if gate.metric in ("top1_match", "top1_defect"):
-        for prompt, position in precision.flips:
+        flips = [(p, pos) for p in precision.view(gate.over) for pos in p.positions
+                 if not pos.comparison.top1_match]
+        for prompt, position in flips[:10]:
             lines.append(f"  {prompt.prompt.id}: " + _flip_line(position, precision.near_tie_margin))
     else:
-        worst = ", ".join(f"{p.prompt.id} {fmt(v)}" for v, p in worst_prompts(precision, gate.metric))
+        worst = ", ".join(f"{p.prompt.id} {fmt(v)}"
+                          for v, p in worst_prompts(precision, gate.metric, view=gate.over))
         lines.append(f"  worst prompts: {worst}")
     return "\n".join(lines)
 
@@ -153,6 +186,7 @@ def summary_lines(session: ParitySession) -> list[str]:
     lines.append(f"top-1 flips: {len(flips)} ({near} near-ties, {len(flips) - near} defects)")
     worst = ", ".join(f"{p.prompt.id} {fmt(v)}" for v, p in worst_prompts(precision, "kl"))
     lines.append(f"worst KL: {worst}")
+    lines += depth_summary_lines(precision)
     tail = max(precision.values("p_tail"))
     if tail > TAIL_WARNING:
         lines.append(f"warning: up to {fmt(tail)} of the reference mass lies outside the "
@@ -161,6 +195,63 @@ def summary_lines(session: ParitySession) -> list[str]:
     t = run.timings
     lines.append("time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in t.items()))
     return lines
+
+
+def depth_summary_lines(precision: PrecisionResult) -> list[str]:
+    if not precision.sequences:
+        return []
+    from llm_parity.metrics import aggregate
+
+    kl = [float(v) for v in precision.values("kl", "sequence")]
+    lines = [f"teacher-forced: {len(kl)} positions over {len(precision.sequences)} prompts, "
+             f"KL mean {fmt(aggregate(kl, 'mean'))}, p95 {fmt(aggregate(kl, 'p95'))}, "
+             f"max {fmt(aggregate(kl, 'max'))}"]
+    by_position = kl_by_position(precision.sequences)
+    lines.append("  KL mean by continuation step: " + ", ".join(
+        f"{start}-{end}: {fmt(value)}" for start, end, value in by_position))
+    diverged = [p for p in precision.decodes if p.divergence]
+    defects = [p for p in diverged if not p.divergence.near_tie]
+    agreed = sum(p.divergence.step if p.divergence else len(p.positions) for p in precision.decodes)
+    total = sum(p.steps for p in precision.decodes)
+    lines.append(f"free-running: {agreed}/{total} steps agreed before divergence; "
+                 f"{len(diverged)} of {len(precision.decodes)} prompts diverged "
+                 f"({len(diverged) - len(defects)} at near-ties, {len(defects)} at defects)")
+    return lines
+
+
+def kl_by_position(results: list[PromptResult], buckets: int = 4) -> list[tuple[int, int, float]]:
+    """Mean KL over continuation steps in a few equal buckets: a bug that grows shows here."""
+    steps = max(len(r.positions) for r in results)
+    size = max(1, -(-steps // buckets))
+    out = []
+    for start in range(0, steps, size):
+        values = [float(r.positions[j].comparison.kl) for r in results
+                  for j in range(start, min(start + size, len(r.positions)))]
+        if values:
+            out.append((start, min(start + size, steps) - 1, sum(values) / len(values)))
+    return out
+
+
+def _depth_entry(result: PromptResult) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "id": result.prompt.id,
+        "token_count": result.token_count,
+        "positions": len(result.positions),
+        "passed": result.passed,
+        "gates": [r.as_dict() for r in result.gate_results],
+        "kl": [float(p.comparison.kl) for p in result.positions],
+        "cosine": [float(p.comparison.cosine) for p in result.positions],
+        "top1_match": [bool(p.comparison.top1_match) for p in result.positions],
+        "near_tie": [bool(p.near_tie) for p in result.positions],
+    }
+    if result.view == "decode":
+        entry["steps_generated"] = result.steps
+        d = result.divergence
+        entry["divergence"] = None if d is None else {
+            "step": d.step, "reference_token": d.reference_token,
+            "candidate_token": d.candidate_token, "reference_margin": d.reference_margin,
+            "near_tie": d.near_tie, "context": d.context}
+    return entry
 
 
 def verdict_dict(session: ParitySession) -> dict[str, Any]:
@@ -204,11 +295,16 @@ def verdict_dict(session: ParitySession) -> dict[str, Any]:
         "reference": run.reference,
         "protocol": {"prompts": settings.prompts.name, "prompt_count": len(prompts),
                      "positions": "first generated token", "logprobs": precision.k,
+                     "continuation": session.settings.continuation,
+                     "long_prompts": (session.settings.long_prompts.name
+                                      if session.settings.long_prompts else None),
                      "near_tie_margin": precision.near_tie_margin,
                      "thresholds": run.thresholds.source},
         "aggregate": precision.aggregate(),
         "gates": [r.as_dict() for r in precision.gate_results],
         "prompts": prompts,
+        "sequences": [_depth_entry(r) for r in precision.sequences],
+        "decodes": [_depth_entry(r) for r in precision.decodes],
         "model_card": run.card,
         "timings": run.timings,
         "environment": session.environment,

@@ -17,7 +17,13 @@ from llm_parity.engines.base import (
     engine_class,
 )
 from llm_parity.models import ModelError, ResolvedModel, checkpoint_card, resolve_model
-from llm_parity.precision import PrecisionResult, compare_prompts
+from llm_parity.precision import (
+    PrecisionResult,
+    compare_decodes,
+    compare_prompts,
+    compare_sequences,
+    evaluate_gates,
+)
 from llm_parity.thresholds import Thresholds, load_thresholds
 
 
@@ -63,6 +69,13 @@ class ParitySession:
             )
             names.update((gate.name, None) for gate in thresholds.gates)
         return list(names)
+
+    def depth_prompt_ids(self) -> list[str]:
+        settings = self.settings
+        if settings.continuation == 0:
+            return []
+        sets = [settings.prompts] + ([settings.long_prompts] if settings.long_prompts else [])
+        return [i for prompt_set in sets for i in prompt_set.ids]
 
     def precision(self) -> Run:
         """Run the comparison once; later calls return it, or raise the same error."""
@@ -144,12 +157,18 @@ def run_precision(settings: Settings, environment: dict[str, Any]) -> Run:
         )
     timings["prepare_s"] = time.perf_counter() - started
 
-    reference, reference_info = _score(
-        "hf", reference_spec, token_ids, k, settings, timings, "reference"
+    # Depth: the first-token prompts and the long-context set, continued by the reference.
+    depth = _depth_prompts(settings, tokenizer, card)
+    reference, reference_info = _run_engine(
+        "hf", reference_spec, token_ids, depth, k, settings, timings, "reference"
     )
-    candidate, candidate_info = _score(
-        backend, candidate_spec, token_ids, k, settings, timings, "candidate",
-        vocab_size=len(reference[0].full_logprobs),
+    reference_decoded = reference.pop("decoded", None)
+    depth_sequences = (
+        [ids + d.token_ids for ids, d in zip(depth[1], reference_decoded)] if depth else []
+    )
+    candidate, candidate_info = _run_engine(
+        backend, candidate_spec, token_ids, depth, k, settings, timings, "candidate",
+        vocab_size=len(reference["first"][0].full_logprobs), sequences=depth_sequences,
     )
 
     started = time.perf_counter()
@@ -158,15 +177,24 @@ def run_precision(settings: Settings, environment: dict[str, Any]) -> Run:
         platform=platform_of(candidate_info["device"]),
         model=settings.model or reference_model.name,
     )
+    decode = lambda token: token_text(tokenizer, token)  # noqa: E731
     precision = compare_prompts(
-        settings.prompts.prompts,
-        token_ids,
-        reference,
-        candidate,
-        thresholds,
-        k=k,
-        decode=lambda token: token_text(tokenizer, token),
+        settings.prompts.prompts, token_ids, reference["first"], candidate["first"],
+        thresholds, k=k, decode=decode,
     )
+    if depth:
+        prompts, ids = depth
+        margin = thresholds.near_tie_margin
+        precision.sequences = compare_sequences(
+            prompts, ids, reference_decoded, candidate["sequence"],
+            near_tie_margin=margin, k=k, decode=decode,
+        )
+        precision.decodes = compare_decodes(
+            prompts, ids, reference_decoded, candidate["decode"],
+            near_tie_margin=margin, k=k, decode=decode,
+            text=lambda tokens: tokenizer.decode(list(tokens), skip_special_tokens=False),
+        )
+        evaluate_gates(precision, thresholds)
     timings["compare_s"] = time.perf_counter() - started
     environment.update(
         collect_environment(
@@ -188,34 +216,77 @@ def run_precision(settings: Settings, environment: dict[str, Any]) -> Run:
     )
 
 
-def _score(
+def _depth_prompts(settings: Settings, tokenizer: Any, card: dict[str, Any]):
+    """(prompts, token ids) that the depth views continue, or None when depth is off."""
+    from llm_parity.tokenization import tokenize_prompts
+
+    if settings.continuation == 0:
+        return None
+    sets = [settings.prompts] + ([settings.long_prompts] if settings.long_prompts else [])
+    prompts = [p for prompt_set in sets for p in prompt_set.prompts]
+    ids = [i for prompt_set in sets for i in tokenize_prompts(tokenizer, prompt_set)]
+    limit = card.get("max_position_embeddings")
+    for prompt, prompt_ids in zip(prompts, ids):
+        if limit and len(prompt_ids) + settings.continuation > limit:
+            raise ParityInputError(
+                f"prompt {prompt.id} has {len(prompt_ids)} tokens; with a continuation of "
+                f"{settings.continuation} it exceeds the model's {limit} positions "
+                "(shorten it, or lower --continuation)"
+            )
+    return prompts, ids
+
+
+def _run_engine(
     backend: str,
     spec: EngineSpec,
     token_ids: list[list[int]],
+    depth: tuple[list, list[list[int]]] | None,
     k: int,
     settings: Settings,
     timings: dict[str, float],
     role: str,
     vocab_size: int | None = None,
-) -> tuple[list, dict[str, Any]]:
-    """Build one engine, score every prompt in one call, release it."""
+    sequences: list[list[int]] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Build one engine, make each kind of call once over every prompt, release it.
+
+    The reference continues the depth prompts greedily ("decoded"); the candidate scores
+    those continued sequences (teacher-forced) and decodes freely itself.
+    """
     started = time.perf_counter()
     engine = build_engine(backend, spec)
     timings[f"{role}_load_s"] = time.perf_counter() - started
+    answers: dict[str, Any] = {}
     try:
         started = time.perf_counter()
-        answers = engine.next_token(token_ids, k)
-        timings[f"{role}_forward_s"] = time.perf_counter() - started
+        answers["first"] = engine.next_token(token_ids, k)
+        timings[f"{role}_first_token_s"] = time.perf_counter() - started
+        if depth:
+            started = time.perf_counter()
+            prompt_ids = depth[1]
+            if sequences is None:
+                answers["decoded"] = engine.greedy(prompt_ids, settings.continuation, k)
+            else:
+                starts = [len(ids) - 1 for ids in prompt_ids]
+                answers["sequence"] = engine.score(sequences, starts, k)
+                answers["decode"] = engine.greedy(prompt_ids, settings.continuation, k)
+            timings[f"{role}_depth_s"] = time.perf_counter() - started
         info = engine.describe()
     finally:
         engine.close()
-    if len(answers) != len(token_ids):
-        raise EngineError(f"{spec.role}: answered {len(answers)} prompts of {len(token_ids)}")
-    if answers and answers[0].full_logprobs is not None:
-        vocab_size = len(answers[0].full_logprobs)
-    for prompt, answer in zip(settings.prompts.prompts, answers):
+    first = answers["first"]
+    if len(first) != len(token_ids):
+        raise EngineError(f"{spec.role}: answered {len(first)} prompts of {len(token_ids)}")
+    if first and first[0].full_logprobs is not None:
+        vocab_size = len(first[0].full_logprobs)
+    checks = [(p.id, "", a) for p, a in zip(settings.prompts.prompts, first)]
+    if depth:
+        for kind in ("decoded", "sequence", "decode"):
+            for prompt, views in zip(depth[0], answers.get(kind, [])):
+                steps = views.steps if hasattr(views, "steps") else views
+                checks += [(prompt.id, f" ({kind}, position {j})", v) for j, v in enumerate(steps)]
+    for prompt_id, where, answer in checks:
         check_next_token(
-            answer, k=k, vocab_size=vocab_size or k, where=f"{spec.role}, prompt {prompt.id}"
+            answer, k=k, vocab_size=vocab_size or k, where=f"{spec.role}, prompt {prompt_id}{where}"
         )
     return answers, info
-

@@ -19,6 +19,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     session = parity_session(metafunc.config)
     if "prompt_id" in metafunc.fixturenames:
         metafunc.parametrize("prompt_id", session.settings.prompts.ids)
+    if "depth_prompt_id" in metafunc.fixturenames:
+        metafunc.parametrize("depth_prompt_id", session.depth_prompt_ids())
     if "gate_name" in metafunc.fixturenames:
         metafunc.parametrize("gate_name", session.gate_names())
 
@@ -26,11 +28,27 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.mark.precision
 def test_prompt(parity_run, prompt_id, request):
     """Every per-prompt gate on one prompt's compared positions."""
-    result = next(p for p in parity_run.precision.prompts if p.prompt.id == prompt_id)
+    _check_prompt(parity_run, "first_token", prompt_id, request)
+
+
+def _check_prompt(run, view: str, prompt_id: str, request) -> None:
+    result = next(p for p in run.precision.view(view) if p.prompt.id == prompt_id)
     for name, value in prompt_properties(result):
         request.node.user_properties.append((name, value))
     if not result.passed:
-        pytest.fail(prompt_failure_message(result, parity_run.precision), pytrace=False)
+        pytest.fail(prompt_failure_message(result, run.precision), pytrace=False)
+
+
+@pytest.mark.precision
+def test_sequence(parity_run, depth_prompt_id, request):
+    """Teacher-forced: every position of the reference's continuation, one pass (prefill)."""
+    _check_prompt(parity_run, "sequence", depth_prompt_id, request)
+
+
+@pytest.mark.precision
+def test_decode(parity_run, depth_prompt_id, request):
+    """Free-running greedy decoding, compared step by step up to the first divergence."""
+    _check_prompt(parity_run, "decode", depth_prompt_id, request)
 
 
 @pytest.mark.precision

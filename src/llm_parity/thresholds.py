@@ -54,7 +54,8 @@ PERFORMANCE_METRICS: dict[str, bool] = {
 PLATFORMS = ("npu", "cuda", "cpu", "xpu")
 EXECUTION_MODES = ("eager", "compiled")
 
-_GATE_KEYS = ("metric", "aggregate", "min", "max", "enabled", "description")
+_GATE_KEYS = ("metric", "aggregate", "min", "max", "over", "enabled", "description")
+VIEWS = ("first_token", "sequence", "decode")
 _TOP_KEYS = ("schema_version", "precision", "performance", "platforms", "models")
 _PRECISION_KEYS = ("gates", "prompt_gates", "near_tie_margin")
 _PERFORMANCE_KEYS = ("grid", "warmup_rounds", "rounds", "max_cv", "gates")
@@ -76,6 +77,7 @@ class Gate:
     threshold: float
     scope: str = "run"  # "run" (across prompts), "prompt" (each prompt), "performance"
     description: str = ""
+    over: str = "first_token"  # first_token, sequence (teacher-forced) or decode (free-running)
 
     def check(self, value: float) -> bool:
         if math.isnan(value):
@@ -245,6 +247,7 @@ def _build_gates(
                 threshold=float(table[bound]),
                 scope=scope,
                 description=table.get("description", ""),
+                over=table.get("over", "first_token"),
             )
         )
     return tuple(gates)
@@ -388,6 +391,9 @@ def _validate_gate(
                     "(write two gates for a range)")
     if full and "min" not in gate and "max" not in gate:
         raise _fail(source, where, "missing bound: give min or max")
+    if "over" in gate and gate["over"] not in VIEWS:
+        raise _fail(source, where, f"over must be one of {', '.join(VIEWS)}, got "
+                    f"{gate['over']!r}")
     if "enabled" in gate and not isinstance(gate["enabled"], bool):
         raise _fail(source, where, f"enabled must be true or false, got {gate['enabled']!r}")
     if "description" in gate and not isinstance(gate["description"], str):

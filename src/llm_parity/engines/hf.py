@@ -83,8 +83,11 @@ class HfEngine(Engine):
             tokens: list[int] = []
             views: list[NextToken] = []
             with torch.inference_mode():
+                # Only the last position's logits: a long prompt's full logits would be
+                # sequence x vocabulary.
+                keep = {"logits_to_keep": 1} if self._keeps_logits else {}
                 out = self.model(input_ids=torch.tensor([list(ids)], device=self.device),
-                                 use_cache=True)
+                                 use_cache=True, **keep)
                 for _ in range(steps):
                     row = out.logits[0, -1].double().log_softmax(-1).cpu().numpy()
                     views.append(_as_next_token(row, k))
