@@ -50,6 +50,10 @@ def load_prompts(path: Path | str | None = None) -> PromptSet:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise PromptsError(f"{path}: cannot read the prompt file ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise PromptsError(
+            f"{path}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start : exc.end]!r})"
+        ) from exc
     name = path.stem
     if path.suffix == ".txt":
         entries: list = [
