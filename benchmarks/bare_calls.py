@@ -37,7 +37,9 @@ def main() -> None:
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
 
-        llm = LLM(model=args.model, dtype="bfloat16", gpu_memory_utilization=0.3, seed=0)
+        # The same engine arguments the suite uses on CPU (see engines/vllm.py).
+        llm = LLM(model=args.model, dtype="bfloat16", kv_cache_memory_bytes=1 << 30, seed=0,
+                  max_logprobs=20)
         llm.generate([TokensPrompt(prompt_token_ids=i) for i in ids],
                      SamplingParams(max_tokens=1, temperature=0.0, logprobs=args.logprobs),
                      use_tqdm=False)

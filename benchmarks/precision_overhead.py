@@ -35,6 +35,9 @@ def main() -> None:
     parser.add_argument("--model", help="checkpoint directory (default: the toy model)")
     parser.add_argument("--candidate", default="vllm", choices=("vllm", "hf"))
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--continuation", default="0",
+                        help="the suite's --continuation (0: the founding protocol, which is "
+                             "what the bare calls do)")
     args = parser.parse_args()
     from llm_parity.toymodel import toy_model_dir
 
@@ -48,7 +51,8 @@ def main() -> None:
                                "--candidate", args.candidate], work))
             suite.append(timed([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
                                 "-m", "precision", "--model", model, "--candidate",
-                                args.candidate, "--parity-json", str(verdict)], work))
+                                args.candidate, "--continuation", args.continuation,
+                                "--parity-json", str(verdict)], work))
             timings = json.loads(verdict.read_text())["timings"]
     b, s = statistics.median(bare), statistics.median(suite)
     loading = sum(v for k, v in timings.items() if k.endswith("_load_s"))
