@@ -33,10 +33,13 @@ def torch_loaded_before_pytester():
     return torch
 
 
-def suite_size():
+# Runs that only need to see a failure or an error keep the depth views short.
+QUICK = ("--long-prompts", "none", "--continuation", "8")
+
+
+def suite_size(long_prompts=True):
     """How many tests the packaged suite holds: prompts, depth prompts twice, gates."""
-    long_path = packaged_prompts_path("rag_long")
-    long_count = len(load_prompts(long_path)) if long_path.is_file() else 0
+    long_count = len(load_prompts(packaged_prompts_path("rag_long"))) if long_prompts else 0
     return 25 + 2 * (25 + long_count) + len(load_thresholds(packaged_thresholds_path()).gates)
 
 
@@ -90,6 +93,16 @@ def test_hf_candidate_passes_with_every_value_recorded(pytester, read_json):
     # The hf candidate exposes the full vocabulary: full-vocab metrics bound the bin ones.
     for prompt in verdict["prompts"]:
         assert prompt["kl"] <= prompt["kl_full"] + 1e-9
+    # Depth: every prompt, the long contexts too, continued 32 tokens and compared per position.
+    depth_ids = [p["id"] for p in verdict["sequences"]]
+    assert depth_ids[0] == "rag-01" and depth_ids[-1] == "long-08" and len(depth_ids) == 33
+    assert all(p["positions"] == 32 and len(p["kl"]) == 32 for p in verdict["sequences"])
+    for decoded in verdict["decodes"]:
+        agreed = decoded["divergence"]["step"] + 1 if decoded["divergence"] else 32
+        assert decoded["steps_generated"] == 32 and decoded["positions"] == agreed
+    outcome, props = cases["test_decode[long-08]"]
+    assert outcome == "passed" and "agreed_steps" in props and "kl_mean" in props
+    assert "teacher-forced: 1056 positions over 33 prompts" in out
 
 
 @needs_vllm
@@ -110,7 +123,7 @@ def test_vllm_candidate_passes_on_the_toy_model(pytester, read_json):
 @needs_vllm
 def test_vllm_candidate_with_wrong_rope_theta_fails_readably(pytester, read_json):
     broken = make_mutant(toy_model_dir(), pytester.path / "broken", "rope_theta")
-    result = run_suite(pytester, "--candidate", "vllm", "--candidate-model", str(broken))
+    result = run_suite(pytester, "--candidate", "vllm", "--candidate-model", str(broken), *QUICK)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     out = result.stdout.str()
     assert "verdict: FAIL" in out
@@ -124,7 +137,7 @@ def test_vllm_candidate_with_wrong_rope_theta_fails_readably(pytester, read_json
 
 def test_perturbed_layer_fails_per_prompt_and_in_aggregate(pytester, read_json):
     broken = make_mutant(toy_model_dir(), pytester.path / "broken", "layer_noise")
-    result = run_suite(pytester, "--candidate", "hf", "--candidate-model", str(broken))
+    result = run_suite(pytester, "--candidate", "hf", "--candidate-model", str(broken), *QUICK)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     verdict = read_json(pytester.path / "verdict.json")
     assert verdict["verdict"] == "fail"
@@ -136,9 +149,9 @@ def test_perturbed_layer_fails_per_prompt_and_in_aggregate(pytester, read_json):
 
 def test_nan_weights_are_named_before_any_gate_is_judged(pytester, read_json):
     broken = make_mutant(toy_model_dir(), pytester.path / "broken", "nan_weights")
-    result = run_suite(pytester, "--candidate", "hf", "--candidate-model", str(broken))
+    result = run_suite(pytester, "--candidate", "hf", "--candidate-model", str(broken), *QUICK)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
-    result.assert_outcomes(errors=suite_size())
+    result.assert_outcomes(errors=suite_size(long_prompts=False))
     result.stdout.fnmatch_lines(["*candidate (hf), prompt rag-01: * NaN or infinite*"])
     verdict = read_json(pytester.path / "verdict.json")
     assert verdict["verdict"] == "error" and "NaN" in verdict["error"]
@@ -154,17 +167,17 @@ def test_tokenizer_that_differs_is_refused_before_models_load(pytester):
     a, b = "e", "t"
     vocab[a], vocab[b] = vocab[b], vocab[a]
     (other / "tokenizer.json").write_text(json.dumps(data))
-    result = run_suite(pytester, "--candidate", "hf", "--candidate-model", str(other))
+    result = run_suite(pytester, "--candidate", "hf", "--candidate-model", str(other), *QUICK)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
-    result.assert_outcomes(errors=suite_size())
+    result.assert_outcomes(errors=suite_size(long_prompts=False))
     result.stdout.fnmatch_lines(["*the candidate's tokenizer gives other token ids*"])
     assert "reference_load" not in result.stdout.str()
 
 
 def test_missing_device_fails_loudly(pytester):
-    result = run_suite(pytester, "--candidate", "hf", "--candidate-device", "cuda")
+    result = run_suite(pytester, "--candidate", "hf", "--candidate-device", "cuda", *QUICK)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
-    result.assert_outcomes(errors=suite_size())
+    result.assert_outcomes(errors=suite_size(long_prompts=False))
     result.stdout.fnmatch_lines(["*device 'cuda' was asked for but is not available here*"])
 
 
@@ -186,7 +199,7 @@ def test_candidate_with_fewer_logprobs_than_asked(pytester):
         register("short", "short_engine:ShortEngine")
     """)
     pytester.syspathinsert()
-    result = run_suite(pytester, "--candidate", "short")
+    result = run_suite(pytester, "--candidate", "short", *QUICK)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines(["*candidate (short), prompt rag-01: returned 5 log-probs, "
                                  "asked for 20*"])
