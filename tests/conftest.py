@@ -38,8 +38,15 @@ def junit_suite_properties(path):
 
 @pytest.fixture
 def read_json():
+    """Read a JSON file; a verdict (it has "schema_version") must match the shipped schema."""
+
     def read(path):
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and "schema_version" in data:
+            from llm_parity.schema import validate_verdict
+
+            validate_verdict(data)
+        return data
 
     return read
 

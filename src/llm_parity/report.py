@@ -232,13 +232,18 @@ def kl_by_position(results: list[PromptResult], buckets: int = 4) -> list[tuple[
     return out
 
 
+def gate_dict(result: GateResult) -> dict[str, Any]:
+    """A gate outcome for the verdict; "over" names the positions it reads."""
+    return {**result.as_dict(), "over": result.gate.over}
+
+
 def _depth_entry(result: PromptResult) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "id": result.prompt.id,
         "token_count": result.token_count,
         "positions": len(result.positions),
         "passed": result.passed,
-        "gates": [r.as_dict() for r in result.gate_results],
+        "gates": [gate_dict(r) for r in result.gate_results],
         "kl": [float(p.comparison.kl) for p in result.positions],
         "cosine": [float(p.comparison.cosine) for p in result.positions],
         "top1_match": [bool(p.comparison.top1_match) for p in result.positions],
@@ -284,7 +289,7 @@ def verdict_dict(session: ParitySession) -> dict[str, Any]:
             "passed": result.passed,
         }
         entry.update({m: getattr(c, m) for m in _METRICS if getattr(c, m) is not None})
-        entry["gates"] = [r.as_dict() for r in result.gate_results]
+        entry["gates"] = [gate_dict(r) for r in result.gate_results]
         prompts.append(entry)
     return {
         "schema_version": SCHEMA_VERSION,
@@ -301,7 +306,7 @@ def verdict_dict(session: ParitySession) -> dict[str, Any]:
                      "near_tie_margin": precision.near_tie_margin,
                      "thresholds": run.thresholds.source},
         "aggregate": precision.aggregate(),
-        "gates": [r.as_dict() for r in precision.gate_results],
+        "gates": [gate_dict(r) for r in precision.gate_results],
         "prompts": prompts,
         "sequences": [_depth_entry(r) for r in precision.sequences],
         "decodes": [_depth_entry(r) for r in precision.decodes],
