@@ -27,6 +27,21 @@ def _pleias_shape(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from llm_parity.compare import run
+
+    comparison = run(args.old, args.new, top=args.top)
+    print("\n".join(comparison.lines))
+    return comparison.exit_code
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llm-parity", description="Tools around the llm-parity pytest suite."
@@ -42,6 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     pleias.add_argument("dir", help="destination directory (must not exist or be empty)")
     pleias.add_argument("--seed", type=int, default=0, help="weight initialisation seed (0)")
     pleias.set_defaults(run=_pleias_shape)
+    compare = commands.add_parser(
+        "compare",
+        help="what moved between two --parity-json verdicts; exit 1 if a gate went from "
+             "pass to fail",
+    )
+    compare.add_argument("old", help="the earlier verdict (JSON)")
+    compare.add_argument("new", help="the later verdict (JSON)")
+    compare.add_argument("--top", type=_positive_int, default=5,
+                         help="how many of the prompts whose KL moved most to list (5)")
+    compare.set_defaults(run=_compare)
     return parser
 
 
