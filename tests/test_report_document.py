@@ -39,7 +39,9 @@ def test_markdown_reads_top_down_with_the_verdict_first(clean_pass):
     md = render_report(clean_pass, ".md")
     lines = md.splitlines()
     assert lines[0] == "# llm-parity acceptance report: made-up/model"
-    assert lines[2].startswith("**PASS: the candidate (hf on cpu in bfloat16) against the "
+    assert re.fullmatch(r"Generated \d{4}-\d\d-\d\d \d\d:\d\d UTC by llm-parity 0\.1\.0\.",
+                        lines[2])
+    assert lines[4].startswith("**PASS: the candidate (hf on cpu in bfloat16) against the "
                                "reference (hf on cpu in float32) on 6 prompts")
     assert sections(md) == ["Gates", "Model", "Hardware and software", "Prompts",
                             "Error analysis", "Protocol"]
@@ -79,6 +81,17 @@ def test_gate_table_has_threshold_measured_and_result(mixed):
     assert top1[6] == "FAIL"
     assert by_name["sequence_kl_mean"][1] == "teacher-forced"
     assert by_name["decode_kl_mean"][1] == "free-running"
+    per_prompt = {r[0]: r for r in _table_rows(render_verdict(data), "| gate | over | metric | "
+                                                                  "aggregate | threshold | prompts")}
+    assert per_prompt["top1_defect"][5:8] == ["5/6", "1", "p-01"]
+    assert per_prompt["kl"][6:8] == [f"{max(p['kl'] for p in data['prompts']):.4g}", "p-01"]
+
+
+def test_a_gate_every_prompt_meets_equally_names_no_worst_prompt(clean_pass):
+    rows = _table_rows(render_report(clean_pass, ".md"), "| gate | over | metric | aggregate | "
+                                                        "threshold | prompts")
+    top1_defect = next(r for r in rows if r[0] == "top1_defect")
+    assert top1_defect[5:8] == ["6/6", "0", "(all equal)"]
 
 
 def test_prompt_table_has_every_prompt_with_tokens_match_cosine_and_kl(mixed):
@@ -226,10 +239,10 @@ def test_performance_section_only_when_present(mixed):
     md = render_verdict(data)
     assert "## Performance" in md
     rows = _table_rows(md, "| mode | input tokens |")
-    assert [r[:3] for r in rows] == [["compiled", "16", "50"], ["compiled", "32", "50"],
-                                     ["eager", "16", "100"], ["eager", "32", "100"],
+    assert [r[:3] for r in rows] == [["eager", "16", "100"], ["eager", "32", "100"],
+                                     ["compiled", "16", "50"], ["compiled", "32", "50"],
                                      ["reference", "16", "100"]]
-    assert rows[0][4] == "13"
+    assert rows[2][4] == "13"
     speedups = _table_rows(md, "| input tokens | eager TPOT ms |")
     assert speedups[0] == ["16", "26 (out 100)", "13 (out 50)", "2.00x"]
     assert "| compiled_speedup | speedup | min | ≥ 1.5 | 2 | pass |" in md

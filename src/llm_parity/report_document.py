@@ -12,6 +12,7 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from html import escape
 from typing import TYPE_CHECKING, Any
 
@@ -102,12 +103,14 @@ Block = Heading | Para | Bullets | Table | Figure | Banner | Code
 
 def render_report(session: ParitySession, suffix: str) -> str:
     """The report for a finished (or failed) session: HTML for .html/.htm, else Markdown."""
-    return render_verdict(_clean(verdict_dict(session)), suffix)
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return render_verdict(_clean(verdict_dict(session)), suffix, generated=generated)
 
 
-def render_verdict(data: dict[str, Any], suffix: str = ".md") -> str:
-    """The report from a verdict as --parity-json writes it."""
-    blocks = build_blocks(data)
+def render_verdict(data: dict[str, Any], suffix: str = ".md", *,
+                   generated: str | None = None) -> str:
+    """The report from a verdict as --parity-json writes it; ``generated`` is a date line."""
+    blocks = build_blocks(data, generated)
     if suffix.lower() in (".html", ".htm"):
         return to_html(blocks, _title(data))
     return to_markdown(blocks)
@@ -154,8 +157,12 @@ def _gate_label(gate: dict[str, Any]) -> str:
     return f"{gate['aggregate']} {gate['metric']} {_bound(gate)}"
 
 
-def build_blocks(data: dict[str, Any]) -> list[Block]:
+def build_blocks(data: dict[str, Any], generated: str | None = None) -> list[Block]:
     blocks: list[Block] = [Heading(1, _title(data))]
+    if generated:
+        version = (data.get("environment") or {}).get("llm_parity")
+        blocks.append(Para(f"Generated {generated}"
+                           + (f" by llm-parity {version}" if version else "") + "."))
     if data.get("verdict") == "error":
         blocks.append(Banner("error", "ERROR: the precision run did not finish, so nothing "
                              "was judged.", []))
@@ -246,7 +253,9 @@ def _prompt_gate_rows(data: dict[str, Any]) -> list[list[Any]]:
     for (name, over), results in by_gate.items():
         gate = results[0][1]
         measured = [(g["value"], pid) for pid, g in results if g["value"] is not None]
-        if measured:
+        if measured and len({value for value, _ in measured}) == 1:
+            worst_value, worst_id = measured[0][0], "(all equal)"
+        elif measured:
             pick = min if gate["bound"] == "min" else max
             worst_value, worst_id = pick(measured, key=lambda item: item[0])
         else:
@@ -335,8 +344,8 @@ def _lines_for(data: dict[str, Any], metric: str, view: str = "first_token",
         for g in entry.get("gates", []):
             if g["metric"] == metric and g.get("over", view) == view and g["name"] not in seen:
                 seen.add(g["name"])
-                out.append(plots.Line(transform(g["threshold"]),
-                                      f"each prompt {_bound(g)}"))
+                whose = "each prompt" if view == "first_token" else f"each prompt's {g['aggregate']}"
+                out.append(plots.Line(transform(g["threshold"]), f"{whose} {_bound(g)}"))
     for g in data["gates"]:
         if g["metric"] == metric and g.get("over", "first_token") == view:
             out.append(plots.Line(transform(g["threshold"]),
@@ -517,8 +526,8 @@ def _error_analysis(data: dict[str, Any]) -> list[Block]:
         text = (f"Reference mass outside the candidate's top-{protocol.get('logprobs', 'k')}: "
                 f"at most {fmt(tail)} ({where})")
         if tail > TAIL_WARNING:
-            text += ("; above this, the bin KL is a loose lower bound - raise --logprobs to "
-                     "tighten it")
+            text += (f"; above {fmt(TAIL_WARNING)} the bin KL is a loose lower bound of the "
+                     "full-vocabulary KL (raise --logprobs to tighten it)")
         items.append(text + ".")
     sequences = data.get("sequences") or []
     if sequences:
@@ -574,7 +583,8 @@ def _performance(perf: dict[str, Any] | None) -> list[Block]:
     """Performance tables and TPOT chart, from {"cases": [...], "gates": [...]}."""
     if not perf or not perf.get("cases"):
         return []
-    cases = sorted(perf["cases"], key=lambda c: (c.get("mode") == "reference", c.get("mode"),
+    order = {"eager": 0, "compiled": 1, "reference": 3}  # the baseline last
+    cases = sorted(perf["cases"], key=lambda c: (order.get(c.get("mode"), 2), str(c.get("mode")),
                                                  c["input_len"], c["output_len"]))
     blocks: list[Block] = [Heading(2, "Performance")]
     rows = []
@@ -614,6 +624,7 @@ def _performance(perf: dict[str, Any] | None) -> list[Block]:
                                   "better)."))
     gates = perf.get("gates") or []
     if gates:
+        blocks.append(Para("Performance gates:"))
         blocks.append(Table(["gate", "metric", "aggregate", "threshold", "measured", "result"], [
             [g["name"], g["metric"] + (f" ({g['mode']})" if g.get("mode") else ""),
              g["aggregate"], _bound(g), _value(g.get("value")),

@@ -97,7 +97,7 @@ def prompt_bars(
     row = 16
     left = 12 + 6.6 * max((len(label) for label in labels), default=4)
     right, width = 60, 520
-    top = 44 + 12 * max(len(lines) - 1, 0)
+    top = 52 + 12 * max(len(lines) - 1, 0)
     height = top + row * len(labels) + 34
     scale = LogScale(list(values), lines, left, width - right)
     body = [_text(0, 14, title, size=13, weight="bold")]
