@@ -171,16 +171,21 @@ def summary_lines(session: ParitySession) -> list[str]:
         f"{len(precision.prompts)} prompts ({session.settings.prompts.name}), first generated "
         f"token, top-{precision.k} log-probs; gates from {run.thresholds.source}",
         "",
-        f"{'gate':<22}{'metric':<14}{'aggregate':<11}{'bound':>8}{'value':>12}  result",
+        f"{'gate':<28}{'over':<13}{'metric':<13}{'aggregate':<10}{'bound':>9}{'value':>11}"
+        "  result",
     ]
     for r in precision.gate_results:
-        lines.append(f"{r.gate.name:<22}{r.gate.metric:<14}{r.gate.aggregate:<11}"
-                     f"{r.gate.symbol + ' ' + fmt(r.gate.threshold):>8}{fmt(r.value):>12}  "
-                     f"{'pass' if r.passed else 'FAIL'}")
-    failed = [p for p in precision.prompts if not p.passed]
-    lines.append(f"per-prompt gates: {len(precision.prompts) - len(failed)}/"
-                 f"{len(precision.prompts)} prompts pass"
-                 + (f" (failing: {', '.join(p.prompt.id for p in failed)})" if failed else ""))
+        lines.append(f"{r.gate.name:<28}{r.gate.over:<13}{r.gate.metric:<13}"
+                     f"{r.gate.aggregate:<10}{r.gate.symbol + ' ' + fmt(r.gate.threshold):>9}"
+                     f"{fmt(r.value):>11}  {'pass' if r.passed else 'FAIL'}")
+    counts = []
+    for view in ("first_token", "sequence", "decode"):
+        results = precision.view(view)
+        if results:
+            failed = [p.prompt.id for p in results if not p.passed]
+            counts.append(f"{view.replace('_', ' ')} {len(results) - len(failed)}/{len(results)}"
+                          + (f" (failing: {', '.join(failed)})" if failed else ""))
+    lines.append("prompts passing their per-prompt gates: " + "; ".join(counts))
     flips = precision.flips
     near = sum(1 for _, pos in flips if pos.near_tie)
     lines.append(f"top-1 flips: {len(flips)} ({near} near-ties, {len(flips) - near} defects)")
