@@ -80,6 +80,9 @@ def pytest_configure(config: pytest.Config) -> None:
     if asked and not _under_args(settings.thresholds_path, config):
         # Packaged or outside the tree: collect it explicitly so the suite still runs.
         config.args.append(str(settings.thresholds_path))
+    from llm_parity import performance_plugin
+
+    config.pluginmanager.register(performance_plugin, "llm-parity-performance")
 
 
 def _under_args(path: Path, config: pytest.Config) -> bool:

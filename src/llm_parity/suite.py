@@ -13,6 +13,7 @@ import pytest
 
 from llm_parity.plugin import parity_session
 from llm_parity.report import gate_failure_message, prompt_failure_message, prompt_properties
+from llm_parity.suite_performance import *  # noqa: F401,F403
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

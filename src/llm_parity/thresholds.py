@@ -54,7 +54,7 @@ PERFORMANCE_METRICS: dict[str, bool] = {
 PLATFORMS = ("npu", "cuda", "cpu", "xpu")
 EXECUTION_MODES = ("eager", "compiled")
 
-_GATE_KEYS = ("metric", "aggregate", "min", "max", "over", "enabled", "description")
+_GATE_KEYS = ("metric", "aggregate", "min", "max", "over", "mode", "enabled", "description")
 VIEWS = ("first_token", "sequence", "decode")
 _TOP_KEYS = ("schema_version", "precision", "performance", "platforms", "models")
 _PRECISION_KEYS = ("gates", "prompt_gates", "near_tie_margin")
@@ -78,6 +78,7 @@ class Gate:
     scope: str = "run"  # "run" (across prompts), "prompt" (each prompt), "performance"
     description: str = ""
     over: str = "first_token"  # first_token, sequence (teacher-forced) or decode (free-running)
+    mode: str | None = None  # performance gates: only the grid cases of this execution mode
 
     def check(self, value: float) -> bool:
         if math.isnan(value):
@@ -248,6 +249,7 @@ def _build_gates(
                 scope=scope,
                 description=table.get("description", ""),
                 over=table.get("over", "first_token"),
+                mode=table.get("mode"),
             )
         )
     return tuple(gates)
@@ -394,6 +396,14 @@ def _validate_gate(
     if "over" in gate and gate["over"] not in VIEWS:
         raise _fail(source, where, f"over must be one of {', '.join(VIEWS)}, got "
                     f"{gate['over']!r}")
+    if "mode" in gate:
+        if metrics is not PERFORMANCE_METRICS:
+            raise _fail(source, where, "mode applies to performance gates only")
+        if gate["mode"] not in EXECUTION_MODES:
+            raise _fail(source, where, f"mode must be one of {', '.join(EXECUTION_MODES)}, "
+                        f"got {gate['mode']!r}")
+        if gate.get("metric") == "speedup":
+            raise _fail(source, where, "a speedup gate compares both modes; it takes no mode")
     if "enabled" in gate and not isinstance(gate["enabled"], bool):
         raise _fail(source, where, f"enabled must be true or false, got {gate['enabled']!r}")
     if "description" in gate and not isinstance(gate["description"], str):

@@ -58,6 +58,22 @@ class Decoded:
     steps: list[NextToken]
 
 
+@dataclass(frozen=True)
+class Timing:
+    """How long one generation request took, in seconds.
+
+    `latency_s` is the caller's wall clock around the whole call. `ttft_s` (arrival to first
+    token) and `decode_s` (first token to last token) come from the engine's own timestamps,
+    and are None where the engine keeps none.
+    """
+
+    prompt_tokens: int
+    output_tokens: int
+    latency_s: float
+    ttft_s: float | None = None
+    decode_s: float | None = None
+
+
 class Engine(abc.ABC):
     """A built engine. Subclasses register a backend name with `register`."""
 
@@ -87,6 +103,17 @@ class Engine(abc.ABC):
         """Free-running: greedy decoding of `steps` tokens (end-of-sequence ignored), with the
         next-token view at every step (the decode path: KV cache, decode kernels)."""
         raise EngineError(f"the {self.backend} backend cannot decode")
+
+    @classmethod
+    def benchmark_options(cls, mode: str) -> dict[str, Any] | None:
+        """Constructor options for an execution mode ("eager" or "compiled") in a benchmark,
+        or None when this backend has no such mode."""
+        return {} if mode == "eager" else None
+
+    def generate_timed(self, prompts: Sequence[Sequence[int]], output_len: int) -> list[Timing]:
+        """Greedy generation of exactly `output_len` tokens per prompt (end-of-sequence
+        ignored), all prompts in one call, timed."""
+        raise EngineError(f"the {self.backend} backend cannot time generation")
 
     @abc.abstractmethod
     def describe(self) -> dict[str, Any]:

