@@ -39,6 +39,11 @@ OPTIONS = (
            "ModelScope, then the HuggingFace cache (default: the embedded toy model)"),
     Option("--candidate", "candidate backend: vllm, hf, openai or auto (default: auto = vllm "
            "if importable, else hf)", "auto"),
+    Option("--candidate-url", "base URL of an OpenAI-compatible server to test with "
+           "--candidate openai, e.g. http://127.0.0.1:8000 (default: none)"),
+    Option("--candidate-api-key-env", "environment variable holding that server's API key; "
+           "the key itself is never printed or written (default: OPENAI_API_KEY)",
+           "OPENAI_API_KEY"),
     Option("--candidate-model", "a different checkpoint for the candidate, e.g. a converted "
            "or quantized copy (default: same as --model)"),
     Option("--candidate-dtype", "candidate dtype: bfloat16, float16 or float32 (default: "
@@ -88,6 +93,8 @@ class Settings:
     thresholds_explicit: bool = False
     continuation: int = 32
     long_prompts: PromptSet | None = None
+    candidate_url: str | None = None
+    candidate_api_key_env: str = "OPENAI_API_KEY"
 
 
 def parse_value(text: str) -> Any:
@@ -118,6 +125,7 @@ def build_settings(raw: dict[str, Any], rootdir: Path) -> Settings:
         if raw[flag].split(":")[0] not in ("auto", "cpu", "cuda", "npu", "xpu"):
             raise SettingsError(f"--{flag}: unknown device {raw[flag]!r}; expected auto, cpu, "
                                 "cuda, npu or xpu (optionally with :index)")
+    candidate_url = _candidate_url(raw, candidate)
     logprobs = _positive_int(raw["logprobs"], "--logprobs")
     tp = _positive_int(raw["tensor-parallel-size"], "--tensor-parallel-size")
     continuation = _positive_int(raw["continuation"], "--continuation", minimum=0)
@@ -172,7 +180,34 @@ def build_settings(raw: dict[str, Any], rootdir: Path) -> Settings:
         thresholds_explicit=thresholds_explicit,
         continuation=continuation,
         long_prompts=long_prompts,
+        candidate_url=candidate_url,
+        candidate_api_key_env=raw["candidate-api-key-env"],
     )
+
+
+def _candidate_url(raw: dict[str, Any], candidate: str) -> str | None:
+    """A served candidate: --candidate openai and --candidate-url go together."""
+    from llm_parity.engines.openai import DEFAULT_API_KEY_ENV, check_server_url
+
+    url = raw["candidate-url"]
+    if candidate == "openai" and not url:
+        raise SettingsError("--candidate openai needs --candidate-url, the server's base URL "
+                            "(e.g. --candidate-url http://127.0.0.1:8000)")
+    if url and candidate != "openai":
+        raise SettingsError(f"--candidate-url is set but --candidate is {candidate!r}; add "
+                            "--candidate openai to test the server")
+    key_env = raw["candidate-api-key-env"]
+    if not key_env or not key_env.replace("_", "a").isalnum() or key_env[0].isdigit():
+        raise SettingsError(f"--candidate-api-key-env: expected an environment variable name, "
+                            f"got {key_env!r}")
+    if key_env != DEFAULT_API_KEY_ENV and key_env not in os.environ:
+        raise SettingsError(f"--candidate-api-key-env: ${key_env} is not set")
+    if not url:
+        return None
+    try:
+        return check_server_url(url)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 def _long_prompts(value: str | None, continuation: int) -> PromptSet | None:

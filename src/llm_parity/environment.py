@@ -85,7 +85,9 @@ def collect_environment(
         "torch_npu": package_version("torch_npu", "torch-npu", "torch_npu"),
         "cann": cann_version(),
         "device": candidate.get("device"),
-        "device_name": device_name(str(candidate.get("device", "cpu"))),
+        # A served candidate names its own device: the local one is not where it runs.
+        "device_name": candidate.get("device_name")
+        or device_name(str(candidate.get("device", "cpu"))),
         "model": model.name,
         "model_path": str(model.path),
         "model_source": model.source,

@@ -138,6 +138,9 @@ def run_precision(settings: Settings, environment: dict[str, Any]) -> Run:
         options=dict(settings.candidate_options),
         role=f"candidate ({backend})",
         logprobs=k,
+        name=candidate_model.name,
+        url=settings.candidate_url,
+        api_key_env=settings.candidate_api_key_env,
     )
     # Before anything heavy: is every asked device here, does the backend import?
     engine_class("hf").preflight(reference_spec)
@@ -258,6 +261,10 @@ def _run_engine(
     timings[f"{role}_load_s"] = time.perf_counter() - started
     answers: dict[str, Any] = {}
     try:
+        named = {p.id: (p.id, p.text, ids) for p, ids in zip(settings.prompts.prompts, token_ids)}
+        if depth:
+            named.update((p.id, (p.id, p.text, ids)) for p, ids in zip(*depth))
+        engine.check_tokenization(list(named.values()))
         started = time.perf_counter()
         answers["first"] = engine.next_token(token_ids, k)
         timings[f"{role}_first_token_s"] = time.perf_counter() - started

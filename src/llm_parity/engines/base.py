@@ -35,6 +35,9 @@ class EngineSpec:
     logprobs: int = 20  # the most top-k log-probs this run will ask for
     options: dict[str, Any] = field(default_factory=dict)  # backend-specific extras
     role: str = "candidate"  # "reference" or "candidate", for messages
+    name: str | None = None  # the checkpoint as the user named it (hub id, path)
+    url: str | None = None  # a served candidate's base URL (openai backend)
+    api_key_env: str | None = None  # variable holding its API key (never the key)
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,10 @@ class Engine(abc.ABC):
         ignored), all prompts in one call, timed."""
         raise EngineError(f"the {self.backend} backend cannot time generation")
 
+    def check_tokenization(self, prompts: Sequence[tuple[str, str, Sequence[int]]]) -> None:
+        """(prompt id, text, reference ids): an engine with a tokenizer of its own (a server)
+        confirms it turns each text into the same ids. Engines fed ids only have nothing to do."""
+
     @abc.abstractmethod
     def describe(self) -> dict[str, Any]:
         """backend, device, dtype and anything else worth recording about this engine."""
@@ -133,6 +140,7 @@ _REGISTRY: dict[str, str] = {
     # name -> "module:Class", imported only when that backend is asked for
     "hf": "llm_parity.engines.hf:HfEngine",
     "vllm": "llm_parity.engines.vllm:VllmEngine",
+    "openai": "llm_parity.engines.openai:OpenAIEngine",
 }
 
 
