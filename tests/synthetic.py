@@ -82,7 +82,7 @@ def make_session(
         model=model, candidate="hf", candidate_model=None, candidate_dtype="bfloat16",
         reference_dtype="float32", candidate_device="cpu", reference_device="cpu",
         thresholds_path=Path(path), prompts=prompt_set, logprobs=K, parity_json=None,
-        parity_report=None, continuation=steps,
+        parity_reports=(), continuation=steps,
     )
     token_ids = [list(range(1, 5 + i)) for i in range(prompts)]
     reference, candidate = [], []

@@ -273,7 +273,7 @@ def test_model_card_and_environment(clean_pass):
 def test_write_outputs_writes_the_report(tmp_path, suffix, clean_pass):
     path = tmp_path / f"report{suffix}"
     session = copy.copy(clean_pass)
-    session.settings = replace(clean_pass.settings, parity_report=path)
+    session.settings = replace(clean_pass.settings, parity_reports=(path,))
     write_outputs(session)
     text = path.read_text(encoding="utf-8")
     assert text.startswith("<!doctype html>" if suffix == ".html" else "# llm-parity")

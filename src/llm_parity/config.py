@@ -63,7 +63,8 @@ OPTIONS = (
     Option("--long-prompts", "long-context prompt set for those comparisons, or 'none' "
            "(default: the packaged RAG contexts of 300-1900 tokens)"),
     Option("--parity-json", "write the machine-readable verdict to this path (default: off)"),
-    Option("--parity-report", "write the human report, Markdown (default: off)"),
+    Option("--parity-report", "write the acceptance report: Markdown (.md) or HTML (.html); "
+           "repeatable, e.g. both (default: off)", None, "list"),
     Option("--candidate-option", "KEY=VALUE passed to the candidate engine's constructor, "
            "repeatable, e.g. enforce_eager=true (default: none)", None, "list"),
     Option("--tensor-parallel-size", "tensor-parallel size of the vllm candidate (default: 1)",
@@ -86,7 +87,7 @@ class Settings:
     prompts: PromptSet
     logprobs: int
     parity_json: Path | None
-    parity_report: Path | None
+    parity_reports: tuple[Path, ...]
     candidate_options: dict[str, Any] = field(default_factory=dict)
     tensor_parallel_size: int = 1
     trust_remote_code: bool = False
@@ -172,8 +173,10 @@ def build_settings(raw: dict[str, Any], rootdir: Path) -> Settings:
         prompts=prompts,
         logprobs=logprobs,
         parity_json=_output_path(raw["parity-json"], "--parity-json", (".json",)),
-        parity_report=_output_path(raw["parity-report"], "--parity-report",
-                                   (".md", ".markdown", ".html", ".htm")),
+        parity_reports=tuple(
+            _output_path(value, "--parity-report", (".md", ".markdown", ".html", ".htm"))
+            for value in raw["parity-report"] or []
+        ),
         candidate_options=options,
         tensor_parallel_size=tp,
         trust_remote_code=bool(raw["trust-remote-code"]),

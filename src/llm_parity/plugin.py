@@ -165,8 +165,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     state = session.config.stash.get(SESSION_KEY, None)
-    if state is None or not state._attempted:
+    if state is None:
         return
+    from llm_parity.performance_plugin import PERF_KEY
+
+    perf_run = session.config.stash.get(PERF_KEY, None)
+    measured = perf_run is not None and (perf_run.results or perf_run.gate_outcomes)
+    if not (state._attempted or measured):
+        return  # nothing ran (e.g. --collect-only): write nothing rather than an empty verdict
     from llm_parity.report import write_outputs
 
-    write_outputs(state)
+    write_outputs(state, perf_run)

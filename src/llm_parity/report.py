@@ -349,15 +349,53 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def write_outputs(session: ParitySession) -> None:
-    settings = session.settings
-    if settings.parity_json:
-        data = _clean(verdict_dict(session))
-        write_atomic(settings.parity_json, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    if settings.parity_report:
-        from llm_parity.report_document import render_report
+def performance_dict(perf_run: Any) -> dict[str, Any] | None:
+    """The performance block of the verdict: every measured case and every judged gate."""
+    if perf_run is None or not (perf_run.results or perf_run.gate_outcomes):
+        return None
+    cases = [{"key": key, **result.flat()} for key, result in perf_run.results.items()]
+    gates = []
+    for outcome in perf_run.gate_outcomes.values():
+        gate = outcome.gate
+        entry = {"name": gate.name, "metric": gate.metric, "aggregate": gate.aggregate,
+                 "bound": gate.bound, "threshold": gate.threshold, "value": outcome.value,
+                 "passed": outcome.passed, "scope": "performance"}
+        if getattr(gate, "mode", None):
+            entry["mode"] = gate.mode
+        gates.append(entry)
+    return {"cases": cases, "gates": gates, "not_measured": dict(perf_run.not_measured)}
 
-        write_atomic(settings.parity_report, render_report(session, settings.parity_report.suffix))
+
+def full_verdict(session: ParitySession, perf_run: Any = None) -> dict[str, Any]:
+    """The verdict with the performance block when benchmarks ran; JSON-ready."""
+    data = verdict_dict(session)
+    performance = performance_dict(perf_run)
+    if performance is not None:
+        data["performance"] = performance
+        perf_passed = all(g["passed"] for g in performance["gates"])
+        if not session._attempted:
+            # A performance-only run: its verdict is the performance gates'.
+            data["verdict"] = "pass" if perf_passed else "fail"
+            data.pop("error", None)
+        elif not perf_passed and data["verdict"] == "pass":
+            data["verdict"] = "fail"
+    return _clean(data)
+
+
+def write_outputs(session: ParitySession, perf_run: Any = None) -> None:
+    settings = session.settings
+    if not (settings.parity_json or settings.parity_reports):
+        return
+    from datetime import datetime, timezone
+
+    from llm_parity.report_document import render_verdict
+
+    data = full_verdict(session, perf_run)
+    if settings.parity_json:
+        write_atomic(settings.parity_json, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    for path in settings.parity_reports:
+        write_atomic(path, render_verdict(data, path.suffix, generated=generated))
 
 
 def table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> list[str]:
