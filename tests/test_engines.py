@@ -44,10 +44,19 @@ def vllm_engine():
 
 
 def engine_processes():
+    """Live processes this test process started, but multiprocessing's resource tracker."""
     import psutil
 
-    return [p for p in psutil.Process().children(recursive=True)
-            if "resource_tracker" not in " ".join(p.cmdline())]
+    alive = []
+    for process in psutil.Process().children(recursive=True):
+        try:  # a process that died a moment ago is a zombie until reaped: not alive
+            if process.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(
+                process.cmdline()
+            ):
+                alive.append(process)
+        except psutil.Error:
+            continue
+    return alive
 
 
 def test_reference_gives_normalised_full_vocabulary_rows(reference):
