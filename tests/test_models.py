@@ -1,0 +1,99 @@
+"""Model resolution against real cache layouts made here, and what a checkpoint is."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from llm_parity.models import (
+    ModelError,
+    checkpoint_card,
+    checkpoint_hash,
+    is_local_reference,
+    resolve_model,
+)
+from llm_parity.toymodel import toy_model_dir
+
+
+@pytest.fixture
+def caches(tmp_path, monkeypatch):
+    """Empty ModelScope and HuggingFace caches, offline, pointed at by their variables."""
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "modelscope"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path
+
+
+def hf_snapshot(root, repo_id, revision="0123abcd"):
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / revision
+    shutil.copytree(toy_model_dir(), snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+def test_no_name_is_the_embedded_toy_model():
+    resolved = resolve_model(None)
+    assert (resolved.name, resolved.source, resolved.path) == (
+        "llm-parity/toy", "embedded", toy_model_dir())
+
+
+def test_local_directory(tmp_path):
+    local = tmp_path / "ckpt"
+    shutil.copytree(toy_model_dir(), local)
+    resolved = resolve_model(str(local))
+    assert (resolved.source, resolved.path) == ("local", local.resolve())
+
+
+@pytest.mark.parametrize("name", ["./model", "/abs/model", "a/b/c", "model", "~/m"])
+def test_names_that_can_only_be_paths(name):
+    assert is_local_reference(name)
+
+
+def test_hub_id_shape_is_not_a_path():
+    assert not is_local_reference("PleIAs/Pleias-RAG-350M")
+
+
+def test_huggingface_cache_snapshot_is_found_offline(caches):
+    snapshot = hf_snapshot(caches / "hf", "PleIAs/Pleias-RAG-350M")
+    resolved = resolve_model("PleIAs/Pleias-RAG-350M")
+    assert (resolved.source, resolved.path) == ("hf-cache", snapshot)
+
+
+def test_modelscope_cache_comes_first(caches):
+    hf_snapshot(caches / "hf", "PleIAs/Pleias-RAG-350M")
+    # Newer ModelScope releases escape dots in names as ___.
+    ms = caches / "modelscope" / "models" / "PleIAs" / "Pleias-RAG-0___35B"
+    shutil.copytree(toy_model_dir(), ms)
+    hf_snapshot(caches / "hf", "PleIAs/Pleias-RAG-0.35B")
+    resolved = resolve_model("PleIAs/Pleias-RAG-0.35B")
+    assert (resolved.source, resolved.path) == ("modelscope-cache", ms)
+
+
+def test_offline_and_not_cached_names_both_caches(caches):
+    with pytest.raises(ModelError) as info:
+        resolve_model("nobody/nothing")
+    message = str(info.value)
+    assert "--model: nobody/nothing is not in the ModelScope cache" in message
+    assert str(caches / "modelscope") in message and str(caches / "hf") in message
+    assert "offline" in message
+
+
+def test_a_cached_snapshot_without_weights_is_refused(caches):
+    snapshot = hf_snapshot(caches / "hf", "org/broken")
+    (snapshot / "model.safetensors").unlink()
+    with pytest.raises(ModelError, match="holds no weight files"):
+        resolve_model("org/broken")
+
+
+def test_card_and_hash_of_the_toy_model():
+    card = checkpoint_card(toy_model_dir())
+    assert card["architecture"] == "LlamaForCausalLM"
+    assert (card["layers"], card["attention_heads"], card["kv_heads"]) == (4, 4, 2)
+    assert card["tie_word_embeddings"] is True
+    # Parameters counted from the safetensors header alone, tied embeddings stored once.
+    assert (card["parameters"], card["tensors"]) == (4_196_608, 38)
+    digest = checkpoint_hash(toy_model_dir())
+    assert len(digest) == 64 and digest == checkpoint_hash(toy_model_dir())
