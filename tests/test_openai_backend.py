@@ -188,7 +188,7 @@ class FakeServer:
                 try:
                     if fake.mode == "concurrency":
                         time.sleep(0.2)
-                    if body.get("stream"):
+                    if body.get("stream") and fake.mode != "http500":
                         self._stream(body)
                     else:
                         self._send(*fake.completion(body))
@@ -309,6 +309,17 @@ def test_stream_timed_follows_vllm_benchmark_definitions():
 
 
 # ---------------------------------------------------------------- each error path
+
+
+def test_stream_errors_are_as_clear_as_the_others():
+    with FakeServer("http500") as server:
+        engine = OpenAIEngine(spec_for(server.url, retries=1))
+        with pytest.raises(EngineError, match="HTTP 500 to POST .*/v1/completions for prompt "
+                                              "#1: 'CUDA out of memory"):
+            engine.stream_timed([1, 2, 3], 4)
+    # The server is gone now: the stream's own connection is retried, then given up.
+    with pytest.raises(EngineError, match="cannot reach the server at .* after 2 attempts"):
+        engine.stream_timed([1, 2, 3], 4)
 
 
 def test_slow_server_is_a_timeout_error_without_retries():

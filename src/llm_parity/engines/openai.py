@@ -143,17 +143,32 @@ class _Client:
                 return urllib.request.urlopen(self._request(method, path, body),
                                               timeout=self.timeout)
             except urllib.error.HTTPError as exc:
-                raise self._http_error(exc, where, what) from None
+                raise self._http_error(exc.code, _read_quietly(exc), where, what) from None
             except (OSError, http.client.HTTPException) as exc:  # URLError is an OSError
                 reason = getattr(exc, "reason", exc)
                 if isinstance(reason, TimeoutError):
                     raise self._timeout(where, what) from None
                 if attempt == self.retries:
-                    raise EngineError(
-                        f"{self.role}: cannot reach the server at {self.root} ({where}{what}) "
-                        f"after {self.retries + 1} attempts: {_reason(reason)}; is it running, "
-                        "and is --candidate-url right?"
-                    ) from None
+                    raise self._unreachable(where, what, reason) from None
+                time.sleep(0.5 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _connect(self, where: str, what: str) -> http.client.HTTPConnection:
+        """A connection made before any clock starts, with the same retries as _open."""
+        parsed = urllib.parse.urlsplit(self.root)
+        kind = http.client.HTTPSConnection if parsed.scheme == "https" else \
+            http.client.HTTPConnection
+        for attempt in range(self.retries + 1):
+            connection = kind(parsed.hostname, parsed.port, timeout=self.timeout)
+            try:
+                connection.connect()
+                return connection
+            except TimeoutError:
+                raise self._timeout(where, what) from None
+            except OSError as exc:
+                connection.close()
+                if attempt == self.retries:
+                    raise self._unreachable(where, what, exc) from None
                 time.sleep(0.5 * 2**attempt)
         raise AssertionError("unreachable")
 
@@ -175,25 +190,42 @@ class _Client:
                               f"something other than JSON: {_excerpt(raw)}") from None
 
     def stream(self, path: str, body: Any, what: str = "") -> Iterator[tuple[float, Any]]:
-        """Server-sent events of a streamed answer: (perf_counter at arrival, decoded data)."""
-        response = self._open("POST", path, body, what)
-        with response:
-            try:
-                for line in response:
-                    now = time.perf_counter()
-                    line = line.strip()
-                    if not line.startswith(b"data:"):
-                        continue  # blank separators and ": ping" comments
-                    data = line[len(b"data:"):].strip()
-                    if data == b"[DONE]":
-                        return
-                    try:
-                        yield now, json.loads(data)
-                    except ValueError:
-                        raise EngineError(f"{self.role}: a streamed event of POST {self.root}"
-                                          f"{path}{what} is not JSON: {_excerpt(data)}") from None
-            except TimeoutError:
-                raise self._timeout(f"POST {self.root}{path}", what) from None
+        """Server-sent events of a streamed answer: (seconds since the request was sent,
+        decoded data). The connection is made first, so the clock holds no TCP or TLS
+        handshake, as on the kept-alive connections of vLLM's benchmark client."""
+        where = f"POST {self.root}{path}"
+        connection = self._connect(where, what)
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream",
+                   **self.key.header()}
+        payload = json.dumps(body).encode()
+        try:
+            sent = time.perf_counter()
+            connection.request("POST", urllib.parse.urlsplit(self.root).path + path,
+                               body=payload, headers=headers)
+            response = connection.getresponse()
+            if response.status != 200:
+                raise self._http_error(response.status, _read_quietly(response), where, what)
+            for line in response:
+                arrived = time.perf_counter() - sent
+                line = line.strip()
+                if not line.startswith(b"data:"):
+                    continue  # blank separators and ": ping" comments
+                data = line[len(b"data:"):].strip()
+                if data == b"[DONE]":
+                    return
+                try:
+                    event = json.loads(data)
+                except ValueError:
+                    raise EngineError(f"{self.role}: a streamed event of {where}{what} is not "
+                                      f"JSON: {_excerpt(data)}") from None
+                yield arrived, event
+        except TimeoutError:
+            raise self._timeout(where, what) from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise EngineError(f"{self.role}: the server at {self.root} dropped the connection "
+                              f"during {where}{what}: {_reason(exc)}") from None
+        finally:
+            connection.close()
 
     def _timeout(self, where: str, what: str) -> EngineError:
         return EngineError(
@@ -201,20 +233,31 @@ class _Client:
             "is stuck or overloaded (raise the limit with --candidate-option timeout=SECONDS)"
         )
 
-    def _http_error(self, exc: urllib.error.HTTPError, where: str, what: str) -> EngineError:
-        try:
-            raw = exc.read()
-        except Exception:  # the body is only a hint; the status is the news
-            raw = b""
+    def _unreachable(self, where: str, what: str, reason: Any) -> EngineError:
+        return EngineError(
+            f"{self.role}: cannot reach the server at {self.root} ({where}{what}) after "
+            f"{self.retries + 1} attempts: {_reason(reason)}; is it running, and is "
+            "--candidate-url right?"
+        )
+
+    def _http_error(self, status: int, raw: bytes, where: str, what: str) -> EngineError:
         detail = _error_detail(raw)
         hint = ""
-        if exc.code in (401, 403):
+        if status in (401, 403):
             hint = (f"; the server wants an API key: put it in ${self.key_env}" if not self.key
                     else f"; the server refused the key in ${self.key_env}")
         elif "max allowed" in detail or "max_logprobs" in detail:
             hint = "; start the server with a larger --max-logprobs, or lower --logprobs"
-        return EngineError(f"{self.role}: the server answered HTTP {exc.code} to {where}{what}: "
+        return EngineError(f"{self.role}: the server answered HTTP {status} to {where}{what}: "
                            f"{detail}{hint}")
+
+
+def _read_quietly(response: Any) -> bytes:
+    """An error answer's body, which is only a hint: the status is the news."""
+    try:
+        return response.read()
+    except Exception:
+        return b""
 
 
 def _reason(exc: Any) -> str:
@@ -465,7 +508,8 @@ class OpenAIEngine(Engine):
                     "by id; the server must honour return_tokens_as_token_ids (vLLM does)"
                 )
             pairs.append((int(key[len(TOKEN_ID_PREFIX):]), float(value)))
-        # Python's sort is stable: ties keep the server's (rank) order.
+        # A stable sort: exact ties keep the server's order, where vLLM puts the generated
+        # token first (the offline engine orders them by vLLM's top-k rank instead).
         pairs.sort(key=lambda pair: -pair[1])
         return self._view(pairs[:k], k, where)
 
@@ -586,7 +630,6 @@ class OpenAIEngine(Engine):
         body = {"model": self.served_model, "prompt": [int(t) for t in prompt_ids],
                 "max_tokens": output_len, "stream": True,
                 "stream_options": {"include_usage": True}, "return_token_ids": True, **GREEDY}
-        started = time.perf_counter()
         token_times: list[float] = []
         usage: dict[str, Any] = {}
         for arrived, event in self.client.stream("/v1/completions", body, f" for prompt {name}"):
@@ -600,7 +643,7 @@ class OpenAIEngine(Engine):
                 # vLLM's return_token_ids says how many tokens a chunk carries; else one.
                 carried = choices[0].get("token_ids") if isinstance(choices[0], dict) else None
                 count = len(carried) if isinstance(carried, list) else 1
-                token_times.extend([arrived - started] * count)
+                token_times.extend([arrived] * count)
             if isinstance(event.get("usage"), dict):
                 usage = event["usage"]
         if not token_times:
