@@ -207,10 +207,12 @@ class FakeServer:
                     self.wfile.write(f"{len(raw):x}\r\n".encode() + raw + b"\r\n")
                     self.wfile.flush()
 
-                for j in range(body["max_tokens"]):
+                group = 3 if fake.mode == "stream_merged" else 1  # tokens per chunk
+                for j in range(0, body["max_tokens"], group):
                     time.sleep(fake.delay)
+                    ids = list(range(j + 10, min(j + group, body["max_tokens"]) + 10))
                     event(json.dumps({"choices": [{"index": 0, "text": "" if j == 0 else "a",
-                                                   "token_ids": [j + 10]}]}))
+                                                   "token_ids": ids}]}))
                 event(json.dumps({"choices": [], "usage": {
                     "prompt_tokens": len(body["prompt"]),
                     "completion_tokens": body["max_tokens"]}}))
@@ -297,7 +299,7 @@ def test_stream_timed_follows_vllm_benchmark_definitions():
     with FakeServer("stream", delay=0.02) as server:
         timed = OpenAIEngine(spec_for(server.url)).stream_timed([1, 2, 3, 4], 6)
         (timing,) = OpenAIEngine(spec_for(server.url)).generate_timed([[1, 2, 3, 4]], 6)
-    assert timed.output_tokens == 6 and timed.prompt_tokens == 4
+    assert timed.output_tokens == 6 and timed.prompt_tokens == 4 and timed.chunks == 6
     assert len(timed.token_times_s) == 6
     assert list(timed.token_times_s) == sorted(timed.token_times_s)
     # The first chunk's text is empty and still counts, as in vLLM's benchmark.
@@ -306,6 +308,14 @@ def test_stream_timed_follows_vllm_benchmark_definitions():
     assert 0.015 < timed.tpot_s < 0.2
     assert timing.output_tokens == 6 and timing.decode_s == pytest.approx(
         timing.latency_s - timing.ttft_s)
+
+
+def test_stream_timed_counts_tokens_a_server_merged_into_one_chunk():
+    with FakeServer("stream_merged", delay=0.01) as server:
+        timed = OpenAIEngine(spec_for(server.url)).stream_timed([1, 2, 3, 4], 7)
+    assert timed.output_tokens == 7 and timed.chunks == 3
+    times = timed.token_times_s
+    assert len(times) == 7 and times[0] == times[1] == times[2] < times[3] == times[5] < times[6]
 
 
 # ---------------------------------------------------------------- each error path
@@ -592,6 +602,7 @@ def test_stream_timed_against_vllm_serve(monkeypatch, vllm_server):
     prompt = [1] + [(7 * i) % 4000 + 10 for i in range(63)]
     timed = engine.stream_timed(prompt, 32)
     assert timed.prompt_tokens == 64 and timed.output_tokens == 32
+    assert 1 <= timed.chunks <= 32  # fewer when the server merged tokens it had not sent yet
     assert len(timed.token_times_s) == 32
     assert list(timed.token_times_s) == sorted(timed.token_times_s)
     assert 0 < timed.ttft_s <= timed.latency_s

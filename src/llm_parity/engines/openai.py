@@ -98,7 +98,9 @@ class StreamTiming:
 
     The clock starts just before the request is sent. A chunk that carries choices is a
     token arrival (its text may be empty, e.g. half of a multi-byte character); the
-    closing usage chunk and `[DONE]` are not.
+    closing usage chunk and `[DONE]` are not. vLLM merges the tokens of a request that its
+    HTTP process has not sent yet into one chunk (a starved CPU does it): then `chunks` is
+    below `output_tokens`, and TPOT from the stream says more about the host than the engine.
     """
 
     prompt_tokens: int
@@ -106,6 +108,7 @@ class StreamTiming:
     ttft_s: float  # request sent -> first token chunk
     token_times_s: tuple[float, ...]  # arrival of each token since the request was sent
     latency_s: float  # request sent -> last token chunk
+    chunks: int  # chunks that carried tokens
 
     @property
     def tpot_s(self) -> float | None:
@@ -631,6 +634,7 @@ class OpenAIEngine(Engine):
                 "max_tokens": output_len, "stream": True,
                 "stream_options": {"include_usage": True}, "return_token_ids": True, **GREEDY}
         token_times: list[float] = []
+        chunks = 0
         usage: dict[str, Any] = {}
         for arrived, event in self.client.stream("/v1/completions", body, f" for prompt {name}"):
             if not isinstance(event, dict):
@@ -644,6 +648,7 @@ class OpenAIEngine(Engine):
                 carried = choices[0].get("token_ids") if isinstance(choices[0], dict) else None
                 count = len(carried) if isinstance(carried, list) else 1
                 token_times.extend([arrived] * count)
+                chunks += 1
             if isinstance(event.get("usage"), dict):
                 usage = event["usage"]
         if not token_times:
@@ -655,6 +660,7 @@ class OpenAIEngine(Engine):
             ttft_s=token_times[0],
             token_times_s=tuple(token_times),
             latency_s=token_times[-1],
+            chunks=chunks,
         )
 
     def generate_timed(self, prompts: Sequence[Sequence[int]], output_len: int) -> list[Timing]:
