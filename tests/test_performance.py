@@ -209,6 +209,19 @@ def test_a_gate_with_an_unmeasured_input_names_the_benchmark():
     assert evaluate_gate(gate("tpot_ms", "max", 30, mode="eager"), FOUNDING, results, 0.1).passed
 
 
+def test_only_the_figures_a_gate_reads_are_warned_about():
+    from llm_parity.performance import gated_figures
+
+    t = resolve_thresholds({"performance": {
+        "grid": [{"mode": m, "input_len": n, "output_len": 8}
+                 for m, n in (("eager", 16), ("eager", 128), ("compiled", 16))],
+        "gates": {"s": {"metric": "speedup", "min": 1.0},
+                  "t": {"metric": "ttft_ms", "mode": "compiled", "max": 50.0}}}})
+    assert gated_figures(t, GridCase("eager", 16, 8)) == {"tpot_ms"}
+    assert gated_figures(t, GridCase("compiled", 16, 8)) == {"tpot_ms", "ttft_ms"}
+    assert gated_figures(t, GridCase("eager", 128, 8)) == set()  # no compiled partner
+
+
 # ---------------------------------------------------------------- the thresholds schema
 
 

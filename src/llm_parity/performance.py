@@ -317,6 +317,18 @@ def gate_cases(gate: Gate, grid: Sequence[GridCase]) -> list[GridCase]:
     return cases
 
 
+def gated_figures(thresholds: Thresholds, case: GridCase) -> set[str]:
+    """The figures of `case` that some active gate reads."""
+    figures = set()
+    for gate in thresholds.performance_gates:
+        try:
+            if case in gate_cases(gate, thresholds.grid):
+                figures.add("tpot_ms" if gate.metric == "speedup" else gate.metric)
+        except MissingBenchmark:
+            continue
+    return figures
+
+
 def evaluate_gate(
     gate: Gate,
     grid: Sequence[GridCase],
