@@ -203,3 +203,44 @@ def test_candidate_with_fewer_logprobs_than_asked(pytester):
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines(["*candidate (short), prompt rag-01: returned 5 log-probs, "
                                  "asked for 20*"])
+
+
+def test_golden_store_replays_the_reference_and_refuses_a_stale_one(pytester, read_json):
+    store = pytester.path / "golden"
+    first = run_suite(pytester, "--candidate", "hf", "--reference-store", str(store), *QUICK)
+    assert first.ret == 0, first.stdout.str()
+    live = read_json(pytester.path / "verdict.json")
+    assert (store / "key.json").is_file() and (store / "reference.safetensors").is_file()
+    assert live["reference"]["store"] == str(store)
+
+    again = run_suite(pytester, "--candidate", "hf", "--reference-store", str(store), *QUICK)
+    assert again.ret == 0, again.stdout.str()
+    replayed = read_json(pytester.path / "verdict.json")
+    assert "reference_store_load_s" in replayed["timings"]
+    assert "reference_load_s" not in replayed["timings"]  # the reference model never loaded
+    # Same verdict, same numbers, to the last bit.
+    for key in ("verdict", "aggregate", "gates", "prompts", "sequences", "decodes",
+                "noise_floor"):
+        assert replayed[key] == live[key], key
+
+    stale = run_suite(pytester, "--candidate", "hf", "--reference-store", str(store),
+                      "--long-prompts", "none", "--continuation", "4")
+    assert stale.ret == pytest.ExitCode.TESTS_FAILED
+    stale.stdout.fnmatch_lines(["*reference store * was made for other inputs and is stale*",
+                                "*continuation: stored 8, this run 4*",
+                                "*rerun with --reference-store-update*"])
+    assert read_json(pytester.path / "verdict.json")["verdict"] == "error"
+    assert "candidate_load" not in stale.stdout.str()
+
+    refreshed = run_suite(pytester, "--candidate", "hf", "--reference-store", str(store),
+                          "--reference-store-update", "--long-prompts", "none",
+                          "--continuation", "4")
+    assert refreshed.ret == 0, refreshed.stdout.str()
+    assert json.loads((store / "key.json").read_text())["key"]["continuation"] == 4
+
+
+def test_noise_floor_off_skips_the_relative_gates_and_says_why(pytester):
+    result = run_suite(pytester, "-rs", "--candidate", "hf", "--noise-floor", "off", *QUICK)
+    assert result.ret == 0, result.stdout.str()
+    result.stdout.fnmatch_lines(["*SKIPPED*kl_vs_floor*the noise floor is off*"])
+    assert "noise floor (hf" not in result.stdout.str()

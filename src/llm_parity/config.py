@@ -62,6 +62,14 @@ OPTIONS = (
            "(default: 32)", 32, "int"),
     Option("--long-prompts", "long-context prompt set for those comparisons, or 'none' "
            "(default: the packaged RAG contexts of 300-1900 tokens)"),
+    Option("--noise-floor", "measure the bf16 noise floor (Transformers in the candidate's "
+           "dtype against the float32 reference) for gates relative to it: auto, on or off "
+           "(default: auto = when the thresholds file has such a gate)", "auto"),
+    Option("--reference-store", "directory of a golden reference: reused when it matches this "
+           "run (checkpoint, tokenizer, prompts, positions, versions), written when absent, "
+           "refused when stale (default: off)"),
+    Option("--reference-store-update", "recompute and rewrite the --reference-store even if "
+           "it is stale (default: off)", False, "bool"),
     Option("--parity-json", "write the machine-readable verdict to this path (default: off)"),
     Option("--parity-report", "write the acceptance report: Markdown (.md) or HTML (.html); "
            "repeatable, e.g. both (default: off)", None, "list"),
@@ -96,6 +104,9 @@ class Settings:
     long_prompts: PromptSet | None = None
     candidate_url: str | None = None
     candidate_api_key_env: str = "OPENAI_API_KEY"
+    noise_floor: str = "auto"  # auto, on, off
+    reference_store: Path | None = None
+    reference_store_update: bool = False
 
 
 def parse_value(text: str) -> Any:
@@ -154,6 +165,14 @@ def build_settings(raw: dict[str, Any], rootdir: Path) -> Settings:
         long_prompts = _long_prompts(raw["long-prompts"], continuation)
     except (ThresholdsError, PromptsError) as exc:
         raise SettingsError(str(exc)) from None
+    noise_floor = str(raw["noise-floor"]).lower()
+    if noise_floor not in NOISE_FLOOR_CHOICES:
+        raise SettingsError(f"--noise-floor: expected one of {', '.join(NOISE_FLOOR_CHOICES)}, "
+                            f"got {raw['noise-floor']!r}")
+    reference_store = _store_path(raw["reference-store"])
+    if raw["reference-store-update"] and reference_store is None:
+        raise SettingsError("--reference-store-update needs --reference-store DIR, the store "
+                            "to rewrite")
     options = {}
     for item in raw["candidate-option"] or []:
         key, sep, value = item.partition("=")
@@ -185,7 +204,25 @@ def build_settings(raw: dict[str, Any], rootdir: Path) -> Settings:
         long_prompts=long_prompts,
         candidate_url=candidate_url,
         candidate_api_key_env=raw["candidate-api-key-env"],
+        noise_floor=noise_floor,
+        reference_store=reference_store,
+        reference_store_update=bool(raw["reference-store-update"]),
     )
+
+
+NOISE_FLOOR_CHOICES = ("auto", "on", "off")
+
+
+def _store_path(value: str | None) -> Path | None:
+    """A store directory: absent (to be written) or a directory; its parent must exist."""
+    if not value:
+        return None
+    path = Path(value).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise SettingsError(f"--reference-store: {value!r} exists and is not a directory")
+    if not path.parent.is_dir():
+        raise SettingsError(f"--reference-store: the directory {path.parent} does not exist")
+    return path
 
 
 def _candidate_url(raw: dict[str, Any], candidate: str) -> str | None:

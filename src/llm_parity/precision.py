@@ -4,6 +4,7 @@ gate outcomes out. Plain data only; nothing here knows which engine produced the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,6 +83,7 @@ class PrecisionResult:
     k: int
     sequences: list[PromptResult] = field(default_factory=list)
     decodes: list[PromptResult] = field(default_factory=list)
+    noise_floor: Any = None  # llm_parity.noise_floor.NoiseFloor, when it was measured
 
     def view(self, name: str) -> list[PromptResult]:
         return {"first_token": self.prompts, "sequence": self.sequences,
@@ -217,18 +219,35 @@ def compare_decodes(
 
 
 def evaluate_gates(precision: PrecisionResult, thresholds: Thresholds) -> PrecisionResult:
-    """Every per-prompt gate on each prompt of its view, every run gate across its view."""
+    """Every per-prompt gate on each prompt of its view, every run gate across its view.
+
+    A gate relative to the noise floor is judged only when the floor was measured; without
+    it, it is left out of the results (its test says why).
+    """
+    floor = precision.noise_floor
     for view in VIEWS:
         for prompt in precision.view(view):
-            prompt.gate_results = [
-                _evaluate(gate, prompt.values(gate.metric))
-                for gate in thresholds.prompt_gates if gate.over == view
-            ]
-    precision.gate_results = [
-        _evaluate(gate, precision.values(gate.metric, gate.over))
-        for gate in thresholds.gates
-        if gate.over == "first_token" or precision.view(gate.over)
-    ]
+            results = []
+            for gate in thresholds.prompt_gates:
+                if gate.over != view or (gate.relative_to and floor is None):
+                    continue
+                result = _evaluate(gate, prompt.values(gate.metric))
+                if gate.relative_to:
+                    result = _relative(result, floor.prompt_values(gate.metric, view,
+                                                                   prompt.prompt.id))
+                results.append(result)
+            prompt.gate_results = results
+    precision.gate_results = []
+    for gate in thresholds.gates:
+        if gate.over != "first_token" and not precision.view(gate.over):
+            continue
+        if gate.relative_to and floor is None:
+            continue
+        groups = [p.values(gate.metric) for p in precision.view(gate.over)]
+        result = _evaluate_groups(gate, groups)
+        if gate.relative_to:
+            result = _relative(result, floor.values(gate.metric, gate.over))
+        precision.gate_results.append(result)
     return precision
 
 
@@ -237,3 +256,36 @@ def _evaluate(gate: Gate, values: list[Any]) -> GateResult:
         # A full-vocabulary metric on a top-k-only candidate: the gate cannot be judged.
         return GateResult(gate, float("nan"), False)
     return gate.evaluate(values)
+
+
+def _evaluate_groups(gate: Gate, groups: list[list[Any]]) -> GateResult:
+    """A run gate over prompts: the pooled aggregate, its bootstrap interval over prompts,
+    and, for a conservative gate, the unsafe end of that interval as the value judged."""
+    from llm_parity.stats import bootstrap_ci, conservative
+
+    values = [v for group in groups for v in group]
+    result = _evaluate(gate, values)
+    usable = [g for g in groups if g]
+    if math.isnan(result.value) or len(usable) < 2:
+        return result
+    point, low, high = bootstrap_ci(usable, gate.aggregate)
+    value = conservative(point, low, high, gate.bound) if gate.conservative else point
+    return GateResult(gate, value, gate.check(value), point=point, interval=(low, high))
+
+
+def _relative(result: GateResult, floor_values: list[float]) -> GateResult:
+    """Turn a gate's candidate value into a multiple of the noise floor's same aggregate."""
+    from llm_parity.metrics import aggregate
+    from llm_parity.noise_floor import ratio
+
+    gate = result.gate
+    if not floor_values or math.isnan(result.value):
+        return GateResult(gate, float("nan"), False, candidate_value=result.value)
+    floor_value = aggregate(floor_values, gate.aggregate)
+    value = ratio(result.value, floor_value)
+    interval = None
+    if result.interval is not None:
+        interval = (ratio(result.interval[0], floor_value), ratio(result.interval[1], floor_value))
+    return GateResult(gate, value, gate.check(value),
+                      point=None if result.point is None else ratio(result.point, floor_value),
+                      interval=interval, candidate_value=result.value, floor_value=floor_value)

@@ -38,8 +38,21 @@ def fmt(value: Any) -> str:
 
 def _gate_line(result: GateResult) -> str:
     gate = result.gate
-    return (f"{gate.aggregate} {gate.metric} = {fmt(result.value)}, must be {gate.symbol} "
+    if gate.relative_to:
+        return (f"{gate.aggregate} {gate.metric} = {fmt(result.value)}x the bf16 noise floor "
+                f"(candidate {fmt(result.candidate_value)}, floor {fmt(result.floor_value)}), "
+                f"must be {gate.symbol} {fmt(gate.threshold)}x")
+    line = (f"{gate.aggregate} {gate.metric} = {fmt(result.value)}, must be {gate.symbol} "
             f"{fmt(gate.threshold)}")
+    if gate.conservative and result.interval is not None:
+        line += (f" (conservative end of the 95% interval [{fmt(result.interval[0])}, "
+                 f"{fmt(result.interval[1])}] over prompts; pooled {fmt(result.point)})")
+    return line
+
+
+def gate_metric_label(gate) -> str:
+    """The metric column of a gate table: a relative gate reads metric/floor."""
+    return f"{gate.metric}/floor" if gate.relative_to else gate.metric
 
 
 # ---------------------------------------------------------------- per test
@@ -172,12 +185,15 @@ def summary_lines(session: ParitySession) -> list[str]:
         f"token, top-{precision.k} log-probs; gates from {run.thresholds.source}",
         "",
         f"{'gate':<28}{'over':<13}{'metric':<13}{'aggregate':<10}{'bound':>9}{'value':>11}"
-        "  result",
+        f"  {'result':<8}95% interval over prompts",
     ]
     for r in precision.gate_results:
-        lines.append(f"{r.gate.name:<28}{r.gate.over:<13}{r.gate.metric:<13}"
+        interval = "" if r.interval is None else (
+            f"[{fmt(r.interval[0])}, {fmt(r.interval[1])}]"
+            + (" (judged at the unsafe end)" if r.gate.conservative else ""))
+        lines.append(f"{r.gate.name:<28}{r.gate.over:<13}{gate_metric_label(r.gate):<13}"
                      f"{r.gate.aggregate:<10}{r.gate.symbol + ' ' + fmt(r.gate.threshold):>9}"
-                     f"{fmt(r.value):>11}  {'pass' if r.passed else 'FAIL'}")
+                     f"{fmt(r.value):>11}  {'pass' if r.passed else 'FAIL':<8}{interval}".rstrip())
     counts = []
     for view in ("first_token", "sequence", "decode"):
         results = precision.view(view)
@@ -192,6 +208,7 @@ def summary_lines(session: ParitySession) -> list[str]:
     worst = ", ".join(f"{p.prompt.id} {fmt(v)}" for v, p in worst_prompts(precision, "kl"))
     lines.append(f"worst KL: {worst}")
     lines += depth_summary_lines(precision)
+    lines += noise_floor_lines(precision)
     tail = max(precision.values("p_tail"))
     if tail > TAIL_WARNING:
         lines.append(f"warning: up to {fmt(tail)} of the reference mass lies outside the "
@@ -222,6 +239,43 @@ def depth_summary_lines(precision: PrecisionResult) -> list[str]:
                  f"{len(diverged)} of {len(precision.decodes)} prompts diverged "
                  f"({len(diverged) - len(defects)} at near-ties, {len(defects)} at defects)")
     return lines
+
+
+def noise_floor_summary(precision: PrecisionResult) -> dict[str, Any] | None:
+    """The floor's means per view and the candidate's as a multiple of them."""
+    floor = precision.noise_floor
+    if floor is None:
+        return None
+    from llm_parity.metrics import aggregate
+    from llm_parity.noise_floor import ratio
+
+    out = floor.summary()
+    for view, entry in out["views"].items():
+        for metric in ("kl", "js", "mae"):
+            if f"{metric}_mean" in entry and precision.view(view):
+                candidate = aggregate([float(v) for v in precision.values(metric, view)], "mean")
+                entry[f"candidate_{metric}_mean"] = candidate
+                entry[f"{metric}_ratio"] = ratio(candidate, entry[f"{metric}_mean"])
+    return out
+
+
+def noise_floor_lines(precision: PrecisionResult) -> list[str]:
+    summary = noise_floor_summary(precision)
+    if summary is None:
+        return []
+    parts = [f"{view.replace('_', ' ')} {fmt(entry['kl_mean'])} (candidate "
+             f"{fmt(entry.get('kl_ratio', math.nan))}x)"
+             for view, entry in summary["views"].items()]
+    flips = sum(entry["flips"] for entry in summary["views"].values())
+    return [f"noise floor (hf {summary['dtype']} on {summary['device']} against the reference): "
+            f"KL mean {'; '.join(parts)}",
+            f"  rounding alone flipped {flips} top-1 tokens, largest reference margin "
+            f"{fmt(summary['max_flip_margin'])}"] + (
+        [f"warning: rounding alone flipped a token whose reference margin "
+         f"({fmt(summary['max_flip_margin'])}) is above near_tie_margin "
+         f"({fmt(precision.near_tie_margin)}): such flips count as defects; raise "
+         "near_tie_margin in thresholds.toml"]
+        if summary["max_flip_margin"] > precision.near_tie_margin else [])
 
 
 def kl_by_position(results: list[PromptResult], buckets: int = 4) -> list[tuple[int, int, float]]:
@@ -314,6 +368,7 @@ def verdict_dict(session: ParitySession) -> dict[str, Any]:
         "gates": [gate_dict(r) for r in precision.gate_results],
         "prompts": prompts,
         "sequences": [_depth_entry(r) for r in precision.sequences],
+        "noise_floor": noise_floor_summary(precision),
         "decodes": [_depth_entry(r) for r in precision.decodes],
         "model_card": run.card,
         "timings": run.timings,

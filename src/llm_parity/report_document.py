@@ -175,6 +175,7 @@ def build_blocks(data: dict[str, Any], generated: str | None = None) -> list[Blo
     blocks += _environment(data)
     blocks += _prompts(data)
     blocks += _depth(data)
+    blocks += _noise_floor(data)
     blocks += _error_analysis(data)
     blocks += _performance(data.get("performance"))
     blocks += _protocol(data)
@@ -226,10 +227,19 @@ def _banner(data: dict[str, Any]) -> Banner:
 def _gates(data: dict[str, Any]) -> list[Block]:
     blocks: list[Block] = [Heading(2, "Gates")]
     rows = [[g["name"], _VIEW_NAMES.get(g.get("over", "first_token"), g.get("over")),
-             g["metric"], g["aggregate"], _bound(g), _value(g["value"]),
-             Status("pass" if g["passed"] else "FAIL", g["passed"])] for g in data["gates"]]
+             g["metric"] + (" / floor" if g.get("relative_to") else ""), g["aggregate"],
+             _bound(g) + ("x" if g.get("relative_to") else ""), _value(g["value"]),
+             _interval(g), Status("pass" if g["passed"] else "FAIL", g["passed"])]
+            for g in data["gates"]]
     blocks.append(Table(["gate", "over", "metric", "aggregate", "threshold", "measured",
-                         "result"], rows, numeric={4, 5}))
+                         "95% interval over prompts", "result"], rows, numeric={4, 5}))
+    if any(g.get("relative_to") for g in data["gates"]):
+        blocks.append(Para("A gate read against the noise floor divides the candidate's value "
+                           "by what Transformers in the candidate's dtype gives against the "
+                           "same reference: 1 means as close as bf16 rounding allows."))
+    if any(g.get("conservative") for g in data["gates"]):
+        blocks.append(Para("A conservative gate is judged at the failing end of its interval, "
+                           "so a pass does not rest on a lucky draw of prompts."))
     prompt_rows = _prompt_gate_rows(data)
     if prompt_rows:
         blocks.append(Para("Per-prompt gates hold on every prompt on its own, so one bad "
@@ -237,6 +247,37 @@ def _gates(data: dict[str, Any]) -> list[Block]:
         blocks.append(Table(["gate", "over", "metric", "aggregate", "threshold",
                              "prompts passing", "worst", "worst prompt"], prompt_rows,
                             numeric={4, 5, 6}))
+    return blocks
+
+
+def _interval(gate: dict[str, Any]) -> str:
+    interval = gate.get("interval")
+    if not interval or interval[0] is None or interval[1] is None:
+        return ""
+    return f"{fmt(interval[0])} to {fmt(interval[1])}" + (" (judged)" if gate.get(
+        "conservative") else "")
+
+
+def _noise_floor(data: dict[str, Any]) -> list[Block]:
+    floor = data.get("noise_floor")
+    if not floor:
+        return []
+    blocks: list[Block] = [Heading(2, "Noise floor")]
+    blocks.append(Para(
+        f"Transformers in {floor['dtype']} on {floor['device']} against the same float32 "
+        "reference, same prompts and positions: what rounding alone costs. The candidate's "
+        "KL is shown as a multiple of it."))
+    rows = []
+    for view, entry in floor["views"].items():
+        rows.append([_VIEW_NAMES.get(view, view), entry.get("positions"),
+                     _value(entry.get("kl_mean")), _value(entry.get("candidate_kl_mean")),
+                     _value(entry.get("kl_ratio")), entry.get("flips")])
+    blocks.append(Table(["view", "positions", "floor KL mean", "candidate KL mean",
+                         "candidate / floor", "rounding flips"], rows, numeric={1, 2, 3, 4, 5}))
+    blocks.append(Para(f"Rounding alone flipped top-1 tokens with reference margins up to "
+                       f"{fmt(floor.get('max_flip_margin'))}; flips below the near-tie margin "
+                       f"({fmt((data.get('protocol') or {}).get('near_tie_margin'))}) are "
+                       "reported as near-ties, not defects."))
     return blocks
 
 

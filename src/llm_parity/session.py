@@ -5,7 +5,7 @@ need), the environment it ran in, and the outputs written at the end.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from llm_parity.config import Settings
@@ -16,6 +16,7 @@ from llm_parity.engines.base import (
     check_next_token,
     engine_class,
 )
+from llm_parity.golden import StoreError
 from llm_parity.models import ModelError, ResolvedModel, checkpoint_card, resolve_model
 from llm_parity.precision import (
     PrecisionResult,
@@ -32,7 +33,7 @@ class ParityInputError(ValueError):
 
 
 # What a failed run raises to the tests: each message is enough on its own.
-RUN_ERRORS = (EngineError, ModelError, ParityInputError)
+RUN_ERRORS = (EngineError, ModelError, ParityInputError, StoreError)
 
 
 @dataclass
@@ -106,7 +107,7 @@ def platform_of(device: str) -> str:
 
 def run_precision(settings: Settings, environment: dict[str, Any]) -> Run:
     from llm_parity.environment import collect_environment
-    from llm_parity.tokenization import load_tokenizer, token_text, tokenize_prompts
+    from llm_parity.tokenization import load_tokenizer, tokenize_prompts
 
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -162,42 +163,56 @@ def run_precision(settings: Settings, environment: dict[str, Any]) -> Run:
 
     # Depth: the first-token prompts and the long-context set, continued by the reference.
     depth = _depth_prompts(settings, tokenizer, card)
-    reference, reference_info = _run_engine(
-        "hf", reference_spec, token_ids, depth, k, settings, timings, "reference"
-    )
-    reference_decoded = reference.pop("decoded", None)
+    store, key = _reference_store(settings, reference_model, card, token_ids, depth,
+                                  reference_spec)
+    if store is not None and store.exists() and not settings.reference_store_update:
+        started = time.perf_counter()
+        reference, reference_info = store.load(key, k)  # refuses a stale store, naming why
+        reference_info = {**reference_info, "store": str(store.path)}
+        timings["reference_store_load_s"] = time.perf_counter() - started
+    else:
+        reference, reference_info = _run_engine(
+            "hf", reference_spec, token_ids, depth, k, settings, timings, "reference"
+        )
+        if store is not None:
+            store.save(key, reference, reference_info)
+            reference_info = {**reference_info, "store": str(store.path)}
+    reference_decoded = reference.get("decoded")
     depth_sequences = (
         [ids + d.token_ids for ids, d in zip(depth[1], reference_decoded)] if depth else []
     )
+    vocab_size = len(reference["first"][0].full_logprobs)
     candidate, candidate_info = _run_engine(
         backend, candidate_spec, token_ids, depth, k, settings, timings, "candidate",
-        vocab_size=len(reference["first"][0].full_logprobs), sequences=depth_sequences,
+        vocab_size=vocab_size, sequences=depth_sequences,
     )
 
-    started = time.perf_counter()
     thresholds = load_thresholds(
         settings.thresholds_path,
         platform=platform_of(candidate_info["device"]),
         model=settings.model or reference_model.name,
     )
-    decode = lambda token: token_text(tokenizer, token)  # noqa: E731
-    precision = compare_prompts(
-        settings.prompts.prompts, token_ids, reference["first"], candidate["first"],
-        thresholds, k=k, decode=decode,
-    )
-    if depth:
-        prompts, ids = depth
-        margin = thresholds.near_tie_margin
-        precision.sequences = compare_sequences(
-            prompts, ids, reference_decoded, candidate["sequence"],
-            near_tie_margin=margin, k=k, decode=decode,
-        )
-        precision.decodes = compare_decodes(
-            prompts, ids, reference_decoded, candidate["decode"],
-            near_tie_margin=margin, k=k, decode=decode,
-            text=lambda tokens: tokenizer.decode(list(tokens), skip_special_tokens=False),
-        )
-        evaluate_gates(precision, thresholds)
+    compare = _Comparison(settings, tokenizer, token_ids, depth, reference, thresholds, k)
+    noise_floor = None
+    if _floor_wanted(settings, thresholds):
+        noise_floor = store.load_floor(key, settings.candidate_dtype, k) if store else None
+        if noise_floor is None:
+            floor_spec = replace(reference_spec, dtype=settings.candidate_dtype,
+                                 role=f"noise floor (hf {settings.candidate_dtype})")
+            floor_answers, floor_info = _run_engine(
+                "hf", floor_spec, token_ids, depth, k, settings, timings, "noise_floor",
+                vocab_size=vocab_size, sequences=depth_sequences,
+            )
+            from llm_parity.noise_floor import NoiseFloor
+
+            noise_floor = NoiseFloor.from_precision(
+                compare(floor_answers), dtype=settings.candidate_dtype,
+                device=floor_info["device"],
+            )
+            if store is not None:
+                store.save_floor(key, noise_floor)
+    started = time.perf_counter()
+    precision = compare(candidate, noise_floor)
     timings["compare_s"] = time.perf_counter() - started
     environment.update(
         collect_environment(
@@ -237,6 +252,79 @@ def _depth_prompts(settings: Settings, tokenizer: Any, card: dict[str, Any]):
                 "(shorten it, or lower --continuation)"
             )
     return prompts, ids
+
+
+class _Comparison:
+    """Compare one engine's answers with the reference in every view, then judge the gates."""
+
+    def __init__(self, settings, tokenizer, token_ids, depth, reference, thresholds, k):
+        from llm_parity.tokenization import token_text
+
+        self.settings, self.tokenizer, self.token_ids = settings, tokenizer, token_ids
+        self.depth, self.reference, self.thresholds, self.k = depth, reference, thresholds, k
+        self.decode = lambda token: token_text(tokenizer, token)
+
+    def __call__(self, answers: dict[str, Any], noise_floor: Any = None) -> PrecisionResult:
+        settings, thresholds, k, decode = self.settings, self.thresholds, self.k, self.decode
+        precision = compare_prompts(
+            settings.prompts.prompts, self.token_ids, self.reference["first"], answers["first"],
+            thresholds, k=k, decode=decode,
+        )
+        precision.noise_floor = noise_floor
+        if self.depth:
+            prompts, ids = self.depth
+            margin = thresholds.near_tie_margin
+            decoded = self.reference["decoded"]
+            precision.sequences = compare_sequences(
+                prompts, ids, decoded, answers["sequence"], near_tie_margin=margin, k=k,
+                decode=decode,
+            )
+            precision.decodes = compare_decodes(
+                prompts, ids, decoded, answers["decode"], near_tie_margin=margin, k=k,
+                decode=decode,
+                text=lambda tokens: self.tokenizer.decode(list(tokens), skip_special_tokens=False),
+            )
+        return evaluate_gates(precision, thresholds)
+
+
+def floor_skip_reason(settings: Settings) -> str | None:
+    """Why gates relative to the noise floor cannot be judged in this run, if they cannot."""
+    if settings.noise_floor == "off":
+        return "the noise floor is off (--noise-floor off)"
+    if settings.candidate_dtype == settings.reference_dtype:
+        return (f"the candidate runs in the reference's dtype ({settings.candidate_dtype}): "
+                "there is no rounding floor to measure")
+    return None
+
+
+def _floor_wanted(settings: Settings, thresholds: Thresholds) -> bool:
+    if floor_skip_reason(settings) is not None:
+        return False
+    if settings.noise_floor == "on":
+        return True
+    return any(g.relative_to for g in (*thresholds.gates, *thresholds.prompt_gates))
+
+
+def _reference_store(settings, reference_model, card, token_ids, depth, spec):
+    """(store, key) for --reference-store, or (None, None)."""
+    if settings.reference_store is None:
+        return None, None
+    from llm_parity.environment import package_version
+    from llm_parity.golden import ReferenceStore, build_key, tokenizer_hash
+    from llm_parity.models import checkpoint_hash
+
+    key = build_key(
+        checkpoint_sha256=checkpoint_hash(reference_model.path),
+        tokenizer_sha256=tokenizer_hash(reference_model.path),
+        first_token=[(p.id, ids) for p, ids in zip(settings.prompts.prompts, token_ids)],
+        depth=[(p.id, ids) for p, ids in zip(*depth)] if depth else [],
+        continuation=settings.continuation if depth else 0,
+        dtype=spec.dtype,
+        device=spec.device,
+        versions={"torch": package_version("torch"),
+                  "transformers": package_version("transformers")},
+    )
+    return ReferenceStore(settings.reference_store), key
 
 
 def _run_engine(

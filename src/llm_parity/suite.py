@@ -57,6 +57,13 @@ def test_gate(parity_run, gate_name, request):
     """One gate across every prompt."""
     found = [r for r in parity_run.precision.gate_results if r.gate.name == gate_name]
     if not found:
+        gate = next((g for g in parity_run.thresholds.gates if g.name == gate_name), None)
+        if gate is not None and gate.relative_to:
+            from llm_parity.session import floor_skip_reason
+
+            reason = floor_skip_reason(parity_session(request.config).settings)
+            pytest.skip(f"gate {gate_name} reads the noise floor, which was not measured: "
+                        f"{reason or 'it was not asked for'}")
         pytest.skip(f"gate {gate_name} does not apply to platform "
                     f"{parity_run.candidate.get('device')} or model {parity_run.reference_model.name}")
     result = found[0]

@@ -51,10 +51,16 @@ PERFORMANCE_METRICS: dict[str, bool] = {
     "speedup": False,
 }
 
+# Metrics a gate may read relative to the bf16 noise floor: lower is better and 0 is
+# perfect, so "candidate / floor" says how many times worse than bf16 alone it is.
+RELATIVE_METRICS = ("kl", "js", "mae", "rel_error", "kl_full", "js_full", "mae_full")
+NOISE_FLOOR = "noise_floor"
+
 PLATFORMS = ("npu", "cuda", "cpu", "xpu")
 EXECUTION_MODES = ("eager", "compiled")
 
-_GATE_KEYS = ("metric", "aggregate", "min", "max", "over", "mode", "enabled", "description")
+_GATE_KEYS = ("metric", "aggregate", "min", "max", "over", "mode", "enabled", "description",
+              "relative_to", "conservative")
 VIEWS = ("first_token", "sequence", "decode")
 _TOP_KEYS = ("schema_version", "precision", "performance", "platforms", "models")
 _PRECISION_KEYS = ("gates", "prompt_gates", "near_tie_margin")
@@ -79,6 +85,8 @@ class Gate:
     description: str = ""
     over: str = "first_token"  # first_token, sequence (teacher-forced) or decode (free-running)
     mode: str | None = None  # performance gates: only the grid cases of this execution mode
+    relative_to: str | None = None  # "noise_floor": the value is candidate / bf16 floor
+    conservative: bool = False  # read the unsafe end of the bootstrap interval over prompts
 
     def check(self, value: float) -> bool:
         if math.isnan(value):
@@ -99,8 +107,22 @@ class GateResult:
     gate: Gate
     value: float
     passed: bool
+    # The aggregate over all positions pooled, before any conservative reading.
+    point: float | None = None
+    # 95% bootstrap interval of that aggregate over prompts (run gates with 2+ prompts).
+    interval: tuple[float, float] | None = None
+    # Gates relative to the noise floor: the candidate's own aggregate and the floor's.
+    candidate_value: float | None = None
+    floor_value: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.gate.relative_to:
+            extra.update(relative_to=self.gate.relative_to, candidate_value=self.candidate_value,
+                         floor_value=self.floor_value)
+        if self.interval is not None:
+            extra.update(point=self.point, interval=list(self.interval),
+                         conservative=self.gate.conservative)
         return {
             "name": self.gate.name,
             "metric": self.gate.metric,
@@ -110,6 +132,7 @@ class GateResult:
             "value": self.value,
             "passed": self.passed,
             "scope": self.gate.scope,
+            **extra,
         }
 
 
@@ -250,6 +273,8 @@ def _build_gates(
                 description=table.get("description", ""),
                 over=table.get("over", "first_token"),
                 mode=table.get("mode"),
+                relative_to=table.get("relative_to"),
+                conservative=bool(table.get("conservative", False)),
             )
         )
     return tuple(gates)
@@ -404,6 +429,25 @@ def _validate_gate(
                         f"got {gate['mode']!r}")
         if gate.get("metric") == "speedup":
             raise _fail(source, where, "a speedup gate compares both modes; it takes no mode")
+    if "relative_to" in gate:
+        if metrics is PERFORMANCE_METRICS:
+            raise _fail(source, where, "relative_to applies to precision gates only")
+        if gate["relative_to"] != NOISE_FLOOR:
+            raise _fail(source, where, f"relative_to must be '{NOISE_FLOOR}', got "
+                        f"{gate['relative_to']!r}")
+        if gate.get("metric") is not None and gate["metric"] not in RELATIVE_METRICS:
+            raise _fail(source, where, f"metric {gate['metric']!r} cannot be read relative to "
+                        f"the noise floor; expected one of: {', '.join(RELATIVE_METRICS)}")
+        if "min" in gate:
+            raise _fail(source, where, "a gate relative to the noise floor bounds how many "
+                        "times the floor the candidate may reach: give max, not min")
+    if "conservative" in gate:
+        if not isinstance(gate["conservative"], bool):
+            raise _fail(source, where, f"conservative must be true or false, got "
+                        f"{gate['conservative']!r}")
+        if ".prompt_gates." in where or metrics is PERFORMANCE_METRICS:
+            raise _fail(source, where, "conservative applies to precision gates across "
+                        "prompts ([precision.gates]), whose interval resamples prompts")
     if "enabled" in gate and not isinstance(gate["enabled"], bool):
         raise _fail(source, where, f"enabled must be true or false, got {gate['enabled']!r}")
     if "description" in gate and not isinstance(gate["description"], str):

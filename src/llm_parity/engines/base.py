@@ -51,6 +51,24 @@ class NextToken:
     token_ids: np.ndarray
     logprobs: np.ndarray
     full_logprobs: np.ndarray | None = None
+    # The float32 logits `full_logprobs` was computed from, where the engine has them: a
+    # golden reference store keeps these and rebuilds the row bit for bit.
+    logits: np.ndarray | None = None
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Full-vocabulary log-probs in float64 from one row of logits (any float dtype)."""
+    row = np.asarray(logits, dtype=np.float64)
+    shifted = row - row.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+def next_token_from_logits(logits: np.ndarray, k: int) -> NextToken:
+    """The view of a full-vocabulary engine: float64 log-probs, top-k by rank (stable)."""
+    logits = np.asarray(logits, dtype=np.float32)
+    row = log_softmax(logits)
+    top = np.argsort(-row, kind="stable")[:k]
+    return NextToken(token_ids=top, logprobs=row[top], full_logprobs=row, logits=logits)
 
 
 @dataclass(frozen=True)

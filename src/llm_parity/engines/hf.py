@@ -16,7 +16,15 @@ from typing import Any
 import numpy as np
 
 from llm_parity.engines._torch import resolve_device, torch_dtype, transformers_dtype_kwarg
-from llm_parity.engines.base import Decoded, Engine, EngineError, EngineSpec, NextToken, Timing
+from llm_parity.engines.base import (
+    Decoded,
+    Engine,
+    EngineError,
+    EngineSpec,
+    NextToken,
+    Timing,
+    next_token_from_logits,
+)
 
 
 class HfEngine(Engine):
@@ -51,8 +59,8 @@ class HfEngine(Engine):
     def vocab_size(self) -> int:
         return int(self.model.get_output_embeddings().weight.shape[0])
 
-    def position_logprobs(self, token_ids: Sequence[int], positions: Sequence[int]) -> np.ndarray:
-        """Full-vocabulary log-probs (float64) of the token after each given position."""
+    def position_logits(self, token_ids: Sequence[int], positions: Sequence[int]) -> np.ndarray:
+        """Float32 logits (positions x vocabulary) of the token after each given position."""
         torch = self._torch
         ids = torch.tensor([list(token_ids)], device=self.device)
         where = torch.tensor(list(positions), device=self.device)
@@ -61,10 +69,10 @@ class HfEngine(Engine):
                 logits = self.model(input_ids=ids, logits_to_keep=where).logits[0]
             else:
                 logits = self.model(input_ids=ids).logits[0, where]
-            return logits.double().log_softmax(-1).cpu().numpy()
+            return logits.float().cpu().numpy()
 
     def next_token(self, prompts: Sequence[Sequence[int]], k: int) -> list[NextToken]:
-        return [_as_next_token(self.position_logprobs(ids, [len(ids) - 1])[0], k)
+        return [next_token_from_logits(self.position_logits(ids, [len(ids) - 1])[0], k)
                 for ids in prompts]
 
     def score(
@@ -72,8 +80,8 @@ class HfEngine(Engine):
     ) -> list[list[NextToken]]:
         results = []
         for ids, start in zip(sequences, starts, strict=True):
-            rows = self.position_logprobs(ids, range(start, len(ids) - 1))
-            results.append([_as_next_token(row, k) for row in rows])
+            rows = self.position_logits(ids, range(start, len(ids) - 1))
+            results.append([next_token_from_logits(row, k) for row in rows])
         return results
 
     def greedy(self, prompts: Sequence[Sequence[int]], steps: int, k: int) -> list[Decoded]:
@@ -90,9 +98,9 @@ class HfEngine(Engine):
                 out = self.model(input_ids=torch.tensor([list(ids)], device=self.device),
                                  use_cache=True, **keep)
                 for _ in range(steps):
-                    row = out.logits[0, -1].double().log_softmax(-1).cpu().numpy()
-                    views.append(_as_next_token(row, k))
-                    token = int(np.argmax(row))
+                    view = next_token_from_logits(out.logits[0, -1].float().cpu().numpy(), k)
+                    views.append(view)
+                    token = int(np.argmax(view.full_logprobs))
                     tokens.append(token)
                     if len(tokens) == steps:
                         break
@@ -140,7 +148,3 @@ class HfEngine(Engine):
         if self.device.startswith("cuda"):
             self._torch.cuda.empty_cache()
 
-
-def _as_next_token(row: np.ndarray, k: int) -> NextToken:
-    top = np.argsort(-row, kind="stable")[:k]
-    return NextToken(token_ids=top, logprobs=row[top], full_logprobs=row)

@@ -1,0 +1,79 @@
+"""Detection power: which deliberately broken ports the founding protocol and the whole
+suite catch, and whether benign changes pass. Each catalogue entry of
+`llm_parity.mutants` is made from the toy checkpoint and run through the suite as
+`--candidate-model`; the float32 reference and the bf16 noise floor are computed once
+and replayed from a golden store.
+
+    .venv/bin/python benchmarks/detection.py --candidate vllm --out /tmp/detection
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from llm_parity.mutants import BENIGN, BROKEN, CATALOGUE, detection, make_mutant
+from llm_parity.toymodel import toy_model_dir
+
+
+def run_suite(out: Path, name: str, candidate: str, model: Path | None, extra: list[str]) -> dict:
+    verdict_path = out / f"{name}.json"
+    args = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-m", "precision",
+            "--candidate", candidate, "--reference-store", str(out / "store"),
+            "--parity-json", str(verdict_path), *extra]
+    if model is not None:
+        args += ["--candidate-model", str(model)]
+    started = time.perf_counter()
+    proc = subprocess.run(args, cwd=out, capture_output=True, text=True)
+    (out / f"{name}.log").write_text(proc.stdout + proc.stderr)
+    if not verdict_path.is_file():
+        raise SystemExit(f"{name}: no verdict written (exit {proc.returncode}); see "
+                         f"{out / (name + '.log')}")
+    row = detection(json.loads(verdict_path.read_text()))
+    row["seconds"] = time.perf_counter() - started
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--candidate", default="vllm")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/llm-parity-detection"))
+    parser.add_argument("--only", nargs="*", default=None, help="catalogue names to run")
+    parser.add_argument("extra", nargs="*", help="more suite options, after --")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    names = args.only or list(CATALOGUE)
+    rows = {"correct": run_suite(args.out, "correct", args.candidate, None, args.extra)}
+    for name in names:
+        target = args.out / "models" / name
+        if not target.exists():
+            make_mutant(toy_model_dir(), target, name)
+        rows[name] = run_suite(args.out, name, args.candidate, target, args.extra)
+        print(name, rows[name]["verdict"], rows[name]["failed_gates"], flush=True)
+    (args.out / "detection.json").write_text(json.dumps(rows, indent=2))
+
+    print("\n| candidate | expected | founding protocol | full suite | caught by |")
+    print("|---|---|---|---|---|")
+    for name, row in rows.items():
+        broken = name in BROKEN
+        expected = "fail" if broken else "pass"
+        founding = "fail" if row["founding_caught"] else "pass"
+        suite = row["verdict"]
+        caught = ", ".join(row["failed_gates"][:4]) or (row["error"] or "")[:60]
+        if not row["failed_gates"] and row["failed_prompt_gates"]:
+            caught = "per-prompt: " + ", ".join(row["failed_prompt_gates"][:3])
+        print(f"| {name} | {expected} | {founding} | {suite} | {caught} |")
+    broken_rows = [rows[n] for n in names if n in BROKEN]
+    benign_rows = [rows[n] for n in names if n in BENIGN] + [rows["correct"]]
+    print(f"\nbroken caught: founding protocol {sum(r['founding_caught'] for r in broken_rows)}"
+          f"/{len(broken_rows)}, full suite {sum(r['suite_caught'] for r in broken_rows)}"
+          f"/{len(broken_rows)}; benign passing: "
+          f"{sum(not r['suite_caught'] for r in benign_rows)}/{len(benign_rows)}")
+
+
+if __name__ == "__main__":
+    main()

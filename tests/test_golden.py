@@ -1,0 +1,140 @@
+"""Golden reference stores: saved and replayed bit for bit, keyed, refused when stale,
+never half-written. No engine: rows of made-up logits through the real row builder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llm_parity.engines.base import Decoded, next_token_from_logits
+from llm_parity.golden import ReferenceStore, StoreError, build_key, key_changes
+from llm_parity.metrics import compare_position
+
+VOCAB, K, STEPS = 50, 5, 4
+
+
+def answers(seed=0, prompts=3, depth=2):
+    rng = np.random.default_rng(seed)
+    row = lambda: rng.normal(0, 4, VOCAB).astype(np.float32)  # noqa: E731
+    first = [next_token_from_logits(row(), K) for _ in range(prompts)]
+    decoded = []
+    for _ in range(depth):
+        steps = [next_token_from_logits(row(), K) for _ in range(STEPS)]
+        decoded.append(Decoded([int(s.token_ids[0]) for s in steps], steps))
+    return {"first": first, "decoded": decoded}
+
+
+def key(**changes):
+    base = dict(
+        checkpoint_sha256="a" * 64, tokenizer_sha256="b" * 64,
+        first_token=[("p1", [1, 2]), ("p2", [1, 3]), ("p3", [1, 4])],
+        depth=[("p1", [1, 2]), ("long-1", [1, 5, 6])], continuation=STEPS,
+        dtype="float32", device="cpu", versions={"torch": "2.13.0", "transformers": "5.19.0"},
+    )
+    base.update(changes)
+    return build_key(**base)
+
+
+def test_a_stored_reference_replays_bit_for_bit(tmp_path):
+    live = answers()
+    store = ReferenceStore(tmp_path / "store")
+    store.save(key(), live, {"backend": "hf", "device": "cpu", "dtype": "float32"})
+    loaded, engine = store.load(key(), K)
+    assert engine == {"backend": "hf", "device": "cpu", "dtype": "float32"}
+    pairs = list(zip(live["first"], loaded["first"]))
+    for a, b in zip(live["decoded"], loaded["decoded"]):
+        assert a.token_ids == b.token_ids
+        pairs += list(zip(a.steps, b.steps))
+    candidate = next_token_from_logits(np.random.default_rng(9).normal(0, 4, VOCAB), K)
+    for a, b in pairs:
+        assert np.array_equal(a.full_logprobs, b.full_logprobs)
+        assert np.array_equal(a.token_ids, b.token_ids)
+        # Any candidate top-k gives the same metrics, tail mass included.
+        m1 = compare_position(a.full_logprobs, candidate.token_ids, candidate.logprobs)
+        m2 = compare_position(b.full_logprobs, candidate.token_ids, candidate.logprobs)
+        assert m1 == m2
+
+
+def test_size_is_four_bytes_per_vocabulary_entry_per_position(tmp_path):
+    store = ReferenceStore(tmp_path / "store")
+    store.save(key(), answers(), {})
+    positions = 3 + 2 * STEPS
+    size = store.data_path.stat().st_size
+    assert positions * VOCAB * 4 <= size <= positions * VOCAB * 4 + 2048
+    assert json.loads(store.key_path.read_text())["bytes_per_position"] == VOCAB * 4
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"checkpoint_sha256": "c" * 64}, "checkpoint_sha256: stored aaaaaaaaaaaa..., this run cccccccccccc..."),
+    ({"versions": {"torch": "2.9.0", "transformers": "5.19.0"}}, "torch: stored 2.13.0, this run 2.9.0"),
+    ({"continuation": 8}, "continuation: stored 4, this run 8"),
+    ({"first_token": [("p1", [1, 2]), ("p2", [1, 3]), ("p9", [1, 4])]},
+     "first token prompts: added p9; removed p3"),
+    ({"depth": [("p1", [1, 2]), ("long-1", [1, 5, 7])]}, "depth prompts: the token ids differ"),
+])
+def test_a_stale_store_is_refused_naming_what_changed_and_how_to_refresh(tmp_path, change,
+                                                                          expected):
+    store = ReferenceStore(tmp_path / "store")
+    store.save(key(), answers(), {})
+    with pytest.raises(StoreError) as info:
+        store.load(key(**change), K)
+    message = str(info.value)
+    assert "is stale" in message and expected in message
+    assert "--reference-store-update" in message
+
+
+def test_equal_keys_have_no_changes():
+    assert key_changes(key(), key()) == []
+
+
+def test_a_failed_save_leaves_the_old_store_whole(tmp_path, monkeypatch):
+    store = ReferenceStore(tmp_path / "store")
+    store.save(key(), answers(seed=1), {})
+    before = store.data_path.read_bytes()
+
+    def disk_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    import safetensors.numpy
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        store.save(key(continuation=9), answers(seed=2), {})
+    assert store.data_path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]  # no staging left behind
+
+
+def test_a_reference_without_logits_cannot_be_stored(tmp_path):
+    live = answers()
+    row = live["first"][1]
+    live["first"][1] = row.__class__(row.token_ids, row.logprobs, row.full_logprobs)
+    store = ReferenceStore(tmp_path / "store")
+    with pytest.raises(StoreError, match="kept no float32 logits"):
+        store.save(key(), live, {})
+    assert not store.path.exists()
+
+
+def test_a_corrupt_store_is_a_clear_error(tmp_path):
+    store = ReferenceStore(tmp_path / "store")
+    store.save(key(), answers(), {})
+    store.data_path.write_bytes(b"not safetensors")
+    with pytest.raises(StoreError, match="reference.safetensors: unreadable"):
+        store.load(key(), K)
+    store.key_path.write_text("{")
+    with pytest.raises(StoreError, match="key.json: unreadable"):
+        store.load(key(), K)
+
+
+def test_a_store_with_the_wrong_shape_is_refused(tmp_path):
+    store = ReferenceStore(tmp_path / "store")
+    store.save(key(), answers(depth=2), {})
+    data = json.loads(store.key_path.read_text())
+    data["key"] = key(depth=[("p1", [1, 2]), ("long-1", [1, 5, 6]), ("x", [1])])
+    store.key_path.write_text(json.dumps(data))
+    wanted = data["key"]
+    with pytest.raises(StoreError, match="decoded_tokens has shape"):
+        store.load(wanted, K)
