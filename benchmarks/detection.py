@@ -44,7 +44,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/llm-parity-detection"))
     parser.add_argument("--only", nargs="*", default=None, help="catalogue names to run")
     parser.add_argument("extra", nargs="*", help="more suite options, after --")
+    parser.add_argument("--table-only", action="store_true",
+                        help="print the table of an earlier run's detection.json")
     args = parser.parse_args()
+    if args.table_only:
+        rows = json.loads((args.out / "detection.json").read_text())
+        for name, row in rows.items():
+            if name != "correct":
+                verdict = json.loads((args.out / f"{name}.json").read_text())
+                row.update(detection(verdict))
+        print_table(rows, [n for n in rows if n != "correct"])
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     names = args.only or list(CATALOGUE)
     rows = {"correct": run_suite(args.out, "correct", args.candidate, None, args.extra)}
@@ -55,13 +65,18 @@ def main() -> None:
         rows[name] = run_suite(args.out, name, args.candidate, target, args.extra)
         print(name, rows[name]["verdict"], rows[name]["failed_gates"], flush=True)
     (args.out / "detection.json").write_text(json.dumps(rows, indent=2))
+    print_table(rows, names)
 
+
+def print_table(rows: dict, names: list[str]) -> None:
     print("\n| candidate | expected | founding protocol | full suite | caught by |")
     print("|---|---|---|---|---|")
     for name, row in rows.items():
         broken = name in BROKEN
         expected = "fail" if broken else "pass"
         founding = "fail" if row["founding_caught"] else "pass"
+        if row.get("founding_near_ties_only"):
+            founding = "fail (near-tie flip only)"
         suite = row["verdict"]
         caught = ", ".join(row["failed_gates"][:4]) or (row["error"] or "")[:60]
         if not row["failed_gates"] and row["failed_prompt_gates"]:
@@ -69,8 +84,10 @@ def main() -> None:
         print(f"| {name} | {expected} | {founding} | {suite} | {caught} |")
     broken_rows = [rows[n] for n in names if n in BROKEN]
     benign_rows = [rows[n] for n in names if n in BENIGN] + [rows["correct"]]
+    luck = sum(r.get("founding_near_ties_only", False) for r in broken_rows)
     print(f"\nbroken caught: founding protocol {sum(r['founding_caught'] for r in broken_rows)}"
-          f"/{len(broken_rows)}, full suite {sum(r['suite_caught'] for r in broken_rows)}"
+          f"/{len(broken_rows)} ({luck} of them only through a near-tie flip), "
+          f"full suite {sum(r['suite_caught'] for r in broken_rows)}"
           f"/{len(broken_rows)}; benign passing: "
           f"{sum(not r['suite_caught'] for r in benign_rows)}/{len(benign_rows)}")
 

@@ -347,10 +347,15 @@ def detection(verdict: dict) -> dict:
         for entry in verdict.get(view, [])
         for g in entry.get("gates", []) if not g["passed"]
     })
+    founding_failed = [name for name in failed_gates if name in FOUNDING_GATES]
+    first_flips = [p for p in verdict.get("prompts", []) if not p.get("top1_match", True)]
     return {
         "verdict": verdict["verdict"],
-        "founding_caught": verdict["verdict"] == "error"
-        or any(name in FOUNDING_GATES for name in failed_gates),
+        "founding_caught": verdict["verdict"] == "error" or bool(founding_failed),
+        # The founding gates failed only through top-1 flips at near-ties: a flip bf16
+        # rounding alone can cause, so the same gate fails correct ports now and then.
+        "founding_near_ties_only": founding_failed == ["top1_match_rate"]
+        and all(p.get("near_tie") for p in first_flips),
         "suite_caught": verdict["verdict"] != "pass",
         "failed_gates": failed_gates,
         "failed_prompt_gates": failed_prompt_gates,
