@@ -9,6 +9,7 @@ One pytest run per candidate, each a real `pytest -m precision` in its own direc
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -24,11 +25,16 @@ pytestmark = [pytest.mark.engine]
 RESULTS: dict[str, dict] = {}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def torch_loaded_before_pytester():
-    import torch
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Every catalogue entry, made once, before any pytester: what making them imports
+    (torch, safetensors, transformers) must not be dropped and imported again by pytester's
+    module snapshot, which native extensions do not survive."""
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
 
-    return torch
+    where = tmp_path_factory.mktemp("models")
+    return {name: make_mutant(toy_model_dir(), where / name, name) for name in (*BROKEN, *BENIGN)}
 
 
 @pytest.fixture(scope="module")
@@ -43,20 +49,17 @@ def golden(tmp_path_factory):
         cwd=where, capture_output=True, text=True,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    import json
 
     RESULTS["correct"] = detection(json.loads((where / "verdict.json").read_text()))
     return store
 
 
-def run_candidate(pytester, golden, name):
-    model = make_mutant(toy_model_dir(), pytester.path / name, name)
+def run_candidate(pytester, golden, model, name):
     result = pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", "-m", "precision", "--candidate", "vllm",
         "--candidate-model", str(model), "--reference-store", str(golden),
         "--parity-json", "verdict.json", "--junitxml", "junit.xml",
     )
-    import json
 
     verdict = json.loads((pytester.path / "verdict.json").read_text())
     row = detection(verdict)
@@ -66,8 +69,9 @@ def run_candidate(pytester, golden, name):
 
 @needs_vllm
 @pytest.mark.parametrize("name", BROKEN)
-def test_a_broken_port_fails_with_the_gate_that_caught_it(pytester, golden, name, read_json):
-    result, verdict, row = run_candidate(pytester, golden, name)
+def test_a_broken_port_fails_with_the_gate_that_caught_it(pytester, models, golden, name,
+                                                          read_json):
+    result, verdict, row = run_candidate(pytester, golden, models[name], name)
     read_json(pytester.path / "verdict.json")  # schema
     assert result.ret == pytest.ExitCode.TESTS_FAILED, result.stdout.str()[-3000:]
     assert verdict["verdict"] == "fail"
@@ -85,8 +89,8 @@ def test_a_broken_port_fails_with_the_gate_that_caught_it(pytester, golden, name
 
 @needs_vllm
 @pytest.mark.parametrize("name", BENIGN)
-def test_a_benign_change_passes(pytester, golden, name):
-    result, verdict, row = run_candidate(pytester, golden, name)
+def test_a_benign_change_passes(pytester, models, golden, name):
+    result, verdict, row = run_candidate(pytester, golden, models[name], name)
     assert result.ret == 0, result.stdout.str()[-3000:]
     assert verdict["verdict"] == "pass" and not row["failed_gates"]
 
