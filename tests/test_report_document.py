@@ -279,3 +279,14 @@ def test_write_outputs_writes_the_report(tmp_path, suffix, clean_pass):
     write_outputs(session)
     text = path.read_text(encoding="utf-8")
     assert text.startswith("<!doctype html>" if suffix == ".html" else "# llm-parity")
+
+
+def test_gates_relative_to_the_noise_floor_draw_no_line_on_the_metric_axis(mixed):
+    from llm_parity.report_document import _lines_for
+
+    data = data_of(mixed)
+    data["gates"].append({"name": "kl_vs_floor", "metric": "kl", "aggregate": "mean",
+                          "bound": "max", "threshold": 3.0, "value": 0.7, "passed": True,
+                          "over": "first_token", "relative_to": "noise_floor"})
+    lines = _lines_for(data, "kl")
+    assert lines and all(line.value != 3.0 for line in lines)

@@ -377,18 +377,21 @@ def _short(text: str, width: int = 44) -> str:
 def _lines_for(data: dict[str, Any], metric: str, view: str = "first_token",
                transform=lambda v: v) -> list[plots.Line]:
     """Gate thresholds on one metric, in the plotted quantity: per-prompt gates solid,
-    run gates (a bound on an aggregate, not on each prompt) dashed."""
+    run gates (a bound on an aggregate, not on each prompt) dashed. Gates relative to the
+    noise floor bound a ratio, not the metric, and are not drawn."""
     out: list[plots.Line] = []
     seen = set()
     entries = {"first_token": data["prompts"], "sequence": data.get("sequences", [])}[view]
     for entry in entries:
         for g in entry.get("gates", []):
-            if g["metric"] == metric and g.get("over", view) == view and g["name"] not in seen:
+            if (g["metric"] == metric and g.get("over", view) == view and g["name"] not in seen
+                    and not g.get("relative_to")):
                 seen.add(g["name"])
                 whose = "each prompt" if view == "first_token" else f"each prompt's {g['aggregate']}"
                 out.append(plots.Line(transform(g["threshold"]), f"{whose} {_bound(g)}"))
     for g in data["gates"]:
-        if g["metric"] == metric and g.get("over", "first_token") == view:
+        if (g["metric"] == metric and g.get("over", "first_token") == view
+                and not g.get("relative_to")):
             out.append(plots.Line(transform(g["threshold"]),
                                   f"{g['aggregate']} {_bound(g)}", dashed=True))
     return out
