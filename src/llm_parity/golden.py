@@ -146,19 +146,22 @@ class ReferenceStore:
             raise StoreError(f"{self.key_path}: not a reference store key; {REFRESH_HINT}")
         return data
 
-    def check(self, key: Mapping[str, Any]) -> None:
-        """Refuse a store made for other inputs, naming every field that changed."""
-        stored = self.stored_key()["key"]
+    def check(self, key: Mapping[str, Any]) -> dict[str, Any]:
+        """Refuse a store made for other inputs, naming every field that changed; return
+        the stored key file otherwise."""
+        meta = self.stored_key()
+        stored = meta["key"]
         changes = key_changes(stored, key)
         if changes:
             raise StoreError(
                 f"reference store {self.path} was made for other inputs and is stale:\n  "
                 + "\n  ".join(changes) + f"\n{REFRESH_HINT}"
             )
+        return meta
 
     def load(self, key: Mapping[str, Any], k: int) -> tuple[dict[str, Any], dict[str, Any]]:
         """(answers, engine description) as the live reference engine would give them."""
-        self.check(key)
+        meta = self.check(key)
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
@@ -166,7 +169,6 @@ class ReferenceStore:
             tensors = load_file(str(self.data_path))
         except (OSError, SafetensorError) as exc:
             raise StoreError(f"{self.data_path}: unreadable ({exc}); {REFRESH_HINT}") from None
-        meta = self.stored_key()
         expected = {"first_logits": (len(key["first_token_prompt_ids"]),)}
         if key["depth_prompt_ids"]:
             expected["decoded_tokens"] = (len(key["depth_prompt_ids"]), key["continuation"])
@@ -236,14 +238,14 @@ class ReferenceStore:
         if data.get("key") != dict(key):
             return None  # measured for another reference: measure again, then overwrite
         try:
-            return NoiseFloor.from_json(json.dumps(data["floor"]))
+            return NoiseFloor.from_dict(data["floor"])
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"{path}: malformed noise floor ({exc}); {REFRESH_HINT}") from None
 
     def save_floor(self, key: Mapping[str, Any], floor: Any) -> None:
         path = self.floor_path(floor.dtype, floor.k)
         staging = path.with_name(path.name + ".tmp")
-        staging.write_text(json.dumps({"key": dict(key), "floor": json.loads(floor.to_json())})
+        staging.write_text(json.dumps({"key": dict(key), "floor": floor.to_dict()})
                            + "\n", encoding="utf-8")
         os.replace(staging, path)
 

@@ -76,14 +76,19 @@ class NoiseFloor:
             }
         return out
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "dtype": self.dtype, "device": self.device, "k": self.k,
+                "views": self.views, "flip_margins": self.flip_margins}
+
     def to_json(self) -> str:
-        return json.dumps({"format": FORMAT, "dtype": self.dtype, "device": self.device,
-                           "k": self.k, "views": self.views,
-                           "flip_margins": self.flip_margins})
+        return json.dumps(self.to_dict())
 
     @classmethod
     def from_json(cls, text: str) -> NoiseFloor:
-        data = json.loads(text)
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NoiseFloor:
         if data.get("format") != FORMAT:
             raise ValueError(f"noise floor format {data.get('format')!r}, expected {FORMAT}")
         return cls(dtype=data["dtype"], device=data["device"], k=int(data["k"]),
