@@ -21,7 +21,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llm_parity.prompts import load_prompts
+    from llm_parity.config.prompts import load_prompts
 
     texts = [p.text for p in load_prompts().prompts]
     tokenizer = AutoTokenizer.from_pretrained(args.model)

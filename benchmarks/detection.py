@@ -1,6 +1,6 @@
 """Detection power: which deliberately broken ports the founding protocol and the whole
 suite catch, and whether benign changes pass. Each catalogue entry of
-`llm_parity.mutants` is made from the toy checkpoint and run through the suite as
+`llm_parity.testing.mutants` is made from the toy checkpoint and run through the suite as
 `--candidate-model`; the float32 reference and the bf16 noise floor are computed once
 and replayed from a golden store.
 
@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from llm_parity.mutants import BENIGN, BROKEN, CATALOGUE, detection, make_mutant
-from llm_parity.toymodel import toy_model_dir
+from llm_parity.runner.toymodel import toy_model_dir
+from llm_parity.testing.mutants import BENIGN, BROKEN, CATALOGUE, detection, make_mutant
 
 
 def run_suite(out: Path, name: str, candidate: str, model: Path | None, extra: list[str]) -> dict:

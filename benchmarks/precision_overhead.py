@@ -39,7 +39,7 @@ def main() -> None:
                         help="the suite's --continuation (0: the founding protocol, which is "
                              "what the bare calls do)")
     args = parser.parse_args()
-    from llm_parity.toymodel import toy_model_dir
+    from llm_parity.runner.toymodel import toy_model_dir
 
     model = str(Path(args.model).resolve()) if args.model else str(toy_model_dir())
     bare, suite, timings = [], [], {}

@@ -43,7 +43,7 @@ def read_json():
     def read(path):
         data = json.loads(path.read_text())
         if isinstance(data, dict) and "schema_version" in data:
-            from llm_parity.schema import validate_verdict
+            from llm_parity.report.schema import validate_verdict
 
             validate_verdict(data)
         return data

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import time
 
-from llm_parity.engines.base import Engine, EngineError, Timing
+from llm_parity.engines.base import Engine, Timing
+from llm_parity.errors import EngineError
 
 TOKEN_S = {"eager": 0.006, "compiled": 0.002}
 

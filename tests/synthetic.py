@@ -9,13 +9,19 @@ from pathlib import Path
 
 import numpy as np
 
-from llm_parity.config import Settings
-from llm_parity.engines.base import Decoded, NextToken
-from llm_parity.models import ResolvedModel
-from llm_parity.precision import compare_decodes, compare_prompts, compare_sequences, evaluate_gates
-from llm_parity.prompts import Prompt, PromptSet
-from llm_parity.session import ParitySession, Run
-from llm_parity.thresholds import load_thresholds, packaged_thresholds_path
+from llm_parity.compare.answers import Decoded, NextToken
+from llm_parity.compare.precision import (
+    compare_decodes,
+    compare_prompts,
+    compare_sequences,
+    judge,
+)
+from llm_parity.config.options import Settings
+from llm_parity.config.prompts import Prompt, PromptSet
+from llm_parity.config.thresholds import load_thresholds, packaged_thresholds_path
+from llm_parity.runner.models import ResolvedModel
+from llm_parity.runner.precision import Run
+from llm_parity.runner.session import ParitySession
 
 VOCAB = 64
 K = 8
@@ -94,8 +100,9 @@ def make_session(
         reference.append(ref)
         candidate.append(cand)
     decode = lambda token: repr(f"t{token}")  # noqa: E731
-    precision = compare_prompts(prompt_list, token_ids, reference, candidate, gates, k=K,
-                                decode=decode)
+    margin = gates.near_tie_margin
+    views = {"first_token": compare_prompts(prompt_list, token_ids, reference, candidate,
+                                            near_tie_margin=margin, k=K, decode=decode)}
     if steps:
         ref_decoded, cand_scored, cand_decoded = [], [], []
         for i in range(prompts):
@@ -110,13 +117,13 @@ def make_session(
             ref_decoded.append(Decoded(ref_tokens, ref_steps))
             cand_scored.append(cand_steps)
             cand_decoded.append(Decoded(cand_tokens, cand_steps))
-        margin = gates.near_tie_margin
-        precision.sequences = compare_sequences(prompt_list, token_ids, ref_decoded, cand_scored,
-                                                near_tie_margin=margin, k=K, decode=decode)
-        precision.decodes = compare_decodes(prompt_list, token_ids, ref_decoded, cand_decoded,
-                                            near_tie_margin=margin, k=K, decode=decode,
-                                            text=lambda ids: " ".join(map(str, ids)))
-        evaluate_gates(precision, gates)
+        views["sequence"] = compare_sequences(prompt_list, token_ids, ref_decoded, cand_scored,
+                                              near_tie_margin=margin, k=K, decode=decode)
+        views["decode"] = compare_decodes(prompt_list, token_ids, ref_decoded, cand_decoded,
+                                          near_tie_margin=margin, k=K, decode=decode,
+                                          text=lambda ids: " ".join(map(str, ids)))
+    precision = judge(views, gates, k=K, floor_missing="no floor in made-up runs",
+                      depth_missing=None if steps else "no depth in made-up runs")
     resolved = ResolvedModel(model, Path("/nonexistent/checkpoint"), "local")
     session = ParitySession(settings)
     session.run = Run(
@@ -139,7 +146,7 @@ def make_session(
         "model_path": "/nonexistent/checkpoint", "model_source": "local", "parameters": 61728,
         "checkpoint_sha256": "0" * 64,
     })
-    session._attempted = True
+    session.attempted = True
     return session
 
 
@@ -172,3 +179,43 @@ def performance_block(*, compiled_tpot: float = 14.0, gate_passes: bool = True) 
               "bound": "min", "threshold": 1.5, "value": speedup,
               "passed": gate_passes and speedup >= 1.5, "scope": "performance"}]
     return {"cases": cases, "gates": gates}
+
+
+def views_of(precision) -> dict:
+    return {"first_token": precision.prompts, "sequence": precision.sequences,
+            "decode": precision.decodes}
+
+
+def rejudge(session: ParitySession, thresholds=None, noise_floor=None):
+    """Judge a made-up run again, as the runner does once: new thresholds or a floor."""
+    run = session.run
+    run.thresholds = thresholds or run.thresholds
+    run.precision = judge(
+        views_of(run.precision), run.thresholds, k=run.precision.k, noise_floor=noise_floor,
+        floor_missing="no floor was given",
+        depth_missing=None if run.precision.sequences else "no depth in made-up runs")
+    return run.precision
+
+
+def floor_of(session: ParitySession):
+    """A noise floor made from another made-up run's compared views."""
+    from llm_parity.compare.noise_floor import NoiseFloor
+
+    return NoiseFloor.from_views(views_of(session.run.precision), k=session.run.precision.k,
+                                 dtype="bfloat16", device="cpu")
+
+
+def render_report(session: ParitySession, suffix: str) -> str:
+    from llm_parity.report.document import render_verdict
+    from llm_parity.report.verdict import full_verdict
+
+    return render_verdict(full_verdict(session), suffix, generated="2026-01-01 00:00 UTC")
+
+
+def write_session_outputs(session: ParitySession, perf_run=None) -> dict:
+    from llm_parity.report.outputs import write_outputs
+    from llm_parity.report.verdict import full_verdict
+
+    data = full_verdict(session, perf_run)
+    write_outputs(data, session.settings.parity_json, session.settings.parity_reports)
+    return data

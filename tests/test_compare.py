@@ -10,12 +10,12 @@ import pytest
 from synthetic import failed_session, make_session, performance_block
 
 from llm_parity.cli import main
-from llm_parity.compare import compare_verdicts
-from llm_parity.report import _clean, verdict_dict
+from llm_parity.report.compare import compare_verdicts
+from llm_parity.report.verdict import clean, verdict_dict
 
 
 def verdict(**kwargs):
-    return _clean(verdict_dict(make_session(**kwargs)))
+    return clean(verdict_dict(make_session(**kwargs)))
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_prompt_set_changes_are_flagged(good):
 
 
 def test_a_new_run_that_did_not_finish_fails(tmp_path, capsys, good, read_json):
-    error = _clean(verdict_dict(failed_session("the candidate engine died")))
+    error = clean(verdict_dict(failed_session("the candidate engine died")))
     code, out, _ = run_cli(capsys, write(tmp_path, "old.json", good, read_json),
                            write(tmp_path, "new.json", error, read_json))
     assert code == 1

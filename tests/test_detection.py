@@ -1,5 +1,5 @@
 """Detection power, proven on the real vLLM engine: every broken copy of the toy checkpoint
-in `llm_parity.mutants.CATALOGUE` fails the suite, naming the gate that caught it; every
+in `llm_parity.testing.mutants.CATALOGUE` fails the suite, naming the gate that caught it; every
 benign one passes. The float32 reference and the bf16 noise floor are computed once, by a
 run of the correct candidate, and replayed from a golden store by every other run.
 
@@ -16,8 +16,8 @@ import sys
 import pytest
 from conftest import needs_vllm
 
-from llm_parity.mutants import BENIGN, BROKEN, FOUNDING_GATES, detection, make_mutant
-from llm_parity.toymodel import toy_model_dir
+from llm_parity.runner.toymodel import toy_model_dir
+from llm_parity.testing.mutants import BENIGN, BROKEN, FOUNDING_GATES, detection, make_mutant
 
 pytestmark = [pytest.mark.engine]
 

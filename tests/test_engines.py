@@ -12,17 +12,18 @@ import numpy as np
 import pytest
 from conftest import needs_vllm
 
-from llm_parity.engines.base import EngineError, EngineSpec, build_engine
-from llm_parity.metrics import compare_position
-from llm_parity.prompts import load_prompts
-from llm_parity.toymodel import toy_model_dir
+from llm_parity.compare.metrics import compare_position
+from llm_parity.config.prompts import load_prompts
+from llm_parity.engines.base import EngineSpec, build_engine
+from llm_parity.errors import EngineError
+from llm_parity.runner.toymodel import toy_model_dir
 
 pytestmark = pytest.mark.engine
 
 
 @pytest.fixture(scope="module")
 def token_ids():
-    from llm_parity.tokenization import load_tokenizer, tokenize_prompts
+    from llm_parity.runner.tokenization import load_tokenizer, tokenize_prompts
 
     return tokenize_prompts(load_tokenizer(toy_model_dir()), load_prompts())
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llm_parity.engines.base import Decoded, next_token_from_logits
-from llm_parity.golden import ReferenceStore, StoreError, build_key, key_changes
-from llm_parity.metrics import compare_position
+from llm_parity.compare.answers import Decoded, next_token_from_logits
+from llm_parity.compare.metrics import compare_position
+from llm_parity.errors import StoreError
+from llm_parity.runner.golden import ReferenceStore, build_key, key_changes
 
 VOCAB, K, STEPS = 50, 5, 4
 

@@ -15,7 +15,7 @@ from scipy.spatial.distance import jensenshannon
 from scipy.special import rel_entr
 from scipy.stats import entropy, spearmanr
 
-from llm_parity.metrics import (
+from llm_parity.compare.metrics import (
     AGGREGATES,
     TAIL_EPS,
     PositionComparison,

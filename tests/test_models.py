@@ -6,14 +6,14 @@ import shutil
 
 import pytest
 
-from llm_parity.models import (
-    ModelError,
+from llm_parity.errors import ModelError
+from llm_parity.runner.models import (
     checkpoint_card,
     checkpoint_hash,
     is_local_reference,
     resolve_model,
 )
-from llm_parity.toymodel import toy_model_dir
+from llm_parity.runner.toymodel import toy_model_dir
 
 
 @pytest.fixture

@@ -7,14 +7,15 @@ import math
 
 import numpy as np
 import pytest
-from synthetic import make_session
+from synthetic import floor_of, make_session, rejudge, write_session_outputs
 
-from llm_parity.metrics import aggregate
-from llm_parity.noise_floor import NoiseFloor, ratio
-from llm_parity.precision import evaluate_gates
-from llm_parity.report import full_verdict, summary_lines
-from llm_parity.stats import bootstrap_ci
-from llm_parity.thresholds import ThresholdsError, resolve_thresholds
+from llm_parity.compare.metrics import aggregate
+from llm_parity.compare.noise_floor import NoiseFloor, ratio
+from llm_parity.compare.stats import bootstrap_ci
+from llm_parity.config.thresholds import resolve_thresholds
+from llm_parity.errors import ThresholdsError
+from llm_parity.report.summary import precision_summary
+from llm_parity.report.verdict import full_verdict
 
 RELATIVE = """
 [precision.gates.kl_vs_floor]
@@ -51,10 +52,8 @@ def sessions(tmp_path, candidate_noise, floor_noise=0.05, seed=0):
     path.write_text(RELATIVE)
     candidate = make_session(noise=candidate_noise, steps=6, thresholds=path, seed=seed)
     floor_run = make_session(noise=floor_noise, steps=6, thresholds=path, seed=seed)
-    floor = NoiseFloor.from_precision(floor_run.run.precision, dtype="bfloat16", device="cpu")
-    precision = candidate.run.precision
-    precision.noise_floor = floor
-    evaluate_gates(precision, candidate.run.thresholds)
+    floor = floor_of(floor_run)
+    rejudge(candidate, noise_floor=floor)
     return candidate, floor
 
 
@@ -63,16 +62,59 @@ def gate(precision, name):
 
 
 def test_relative_gate_is_candidate_over_floor_of_the_same_aggregate(tmp_path):
-    session, floor = sessions(tmp_path, candidate_noise=0.05)
-    precision = session.run.precision
+    # The floor comes from other draws (another seed): its value differs from the candidate's.
+    path = tmp_path / "thresholds.toml"
+    path.write_text(RELATIVE)
+    session = make_session(noise=0.05, steps=6, thresholds=path, seed=0)
+    floor = floor_of(make_session(noise=0.08, steps=6, thresholds=path, seed=1))
+    precision = rejudge(session, noise_floor=floor)
     result = gate(precision, "sequence_kl_vs_floor")
     candidate_mean = float(np.mean([float(v) for v in precision.values("kl", "sequence")]))
     floor_mean = float(np.mean(floor.values("kl", "sequence")))
     assert result.candidate_value == pytest.approx(candidate_mean)
     assert result.floor_value == pytest.approx(floor_mean)
-    assert result.value == pytest.approx(candidate_mean / floor_mean)
-    # Same noise, same draws: the candidate is exactly its own floor.
-    assert result.value == pytest.approx(1.0) and result.passed
+    assert result.value == pytest.approx(ratio(candidate_mean, floor_mean))
+    assert 0.1 < result.value < 0.9 and result.passed  # less noise than the floor's
+
+
+def test_the_ratio_interval_resamples_the_floor_too(tmp_path):
+    # A paired bootstrap over prompts: the floor's own spread widens the interval, which a
+    # floor taken as a constant (candidate interval / floor mean) would hide.
+    path = tmp_path / "thresholds.toml"
+    path.write_text(RELATIVE)
+    session = make_session(noise=0.05, steps=6, thresholds=path, seed=0)
+    floor = floor_of(make_session(noise=0.08, steps=6, thresholds=path, seed=1))
+    result = gate(rejudge(session, noise_floor=floor), "sequence_kl_vs_floor")
+    groups = [[float(v) for v in p.values("kl")] for p in session.run.precision.sequences]
+    _, low, high = bootstrap_ci(groups, "mean")
+    constant = (low / result.floor_value, high / result.floor_value)
+    assert result.interval[0] <= result.value <= result.interval[1]
+    assert result.interval != pytest.approx(constant, rel=1e-3)
+    # A floor that moves with the candidate prompt by prompt (here: the same draws) leaves
+    # the ratio at 1 in every resample; a constant floor would report the candidate's spread.
+    same = gate(rejudge(session, noise_floor=floor_of(session)), "sequence_kl_vs_floor")
+    assert same.interval == pytest.approx((1.0, 1.0))
+    assert constant[1] - constant[0] > 0.1
+
+
+def test_decode_ratio_reads_only_the_positions_both_sides_saw(tmp_path):
+    path = tmp_path / "thresholds.toml"
+    path.write_text(RELATIVE.replace('over = "sequence"', 'over = "decode"'))
+    # The candidate diverges early on two prompts; the floor decodes every step.
+    session = make_session(noise=0.05, steps=6, thresholds=path, seed=0, diverge={0: 1, 3: 2})
+    floor = floor_of(make_session(noise=0.08, steps=6, thresholds=path, seed=1))
+    precision = rejudge(session, noise_floor=floor)
+    result = gate(precision, "sequence_kl_vs_floor")
+    cand, flo = [], []
+    for prompt in precision.decodes:
+        values = [float(v) for v in prompt.values("kl")]
+        floor_values = floor.prompt_values("kl", "decode", prompt.prompt.id)
+        n = min(len(values), len(floor_values))
+        cand += values[:n]
+        flo += floor_values[:n]
+    assert len(flo) < len(floor.values("kl", "decode"))  # the floor's extra steps are out
+    assert result.floor_value == pytest.approx(float(np.mean(flo)))
+    assert result.candidate_value == pytest.approx(float(np.mean(cand)))
 
 
 def test_a_candidate_far_above_the_floor_fails_and_says_how_far(tmp_path):
@@ -84,20 +126,25 @@ def test_a_candidate_far_above_the_floor_fails_and_says_how_far(tmp_path):
                   if g.gate.name == "sequence_kl_vs_floor"]
     assert len(per_prompt) == len(precision.sequences)
     assert all(g.value > 10 for g in per_prompt)
-    from llm_parity.report import gate_failure_message
+    from llm_parity.report.messages import gate_failure_message
 
     message = gate_failure_message(result, precision)
     assert "x the bf16 noise floor" in message and "must be <= 3x" in message
 
 
-def test_without_a_floor_relative_gates_are_left_out_not_passed(tmp_path):
+def test_without_a_floor_relative_gates_are_listed_as_not_judged(tmp_path):
     session, _ = sessions(tmp_path, candidate_noise=0.5)
-    precision = session.run.precision
-    precision.noise_floor = None
-    evaluate_gates(precision, session.run.thresholds)
+    precision = rejudge(session, noise_floor=None)
     names = {r.gate.name for r in precision.gate_results}
     assert "kl_vs_floor" not in names and "sequence_kl_vs_floor" not in names
     assert all(g.gate.relative_to is None for p in precision.sequences for g in p.gate_results)
+    not_judged = {(n.gate.name, n.gate.scope): n for n in precision.not_judged}
+    assert set(not_judged) == {("kl_vs_floor", "run"), ("sequence_kl_vs_floor", "run"),
+                               ("sequence_kl_vs_floor", "prompt")}
+    assert all("noise floor" in n.reason for n in not_judged.values())
+    verdict = full_verdict(session)
+    assert {g["name"] for g in verdict["not_judged"]} == {"kl_vs_floor", "sequence_kl_vs_floor"}
+    assert "NOT JUDGED kl_vs_floor" in "\n".join(precision_summary(verdict))
 
 
 def test_conservative_gate_reads_the_unsafe_end_of_the_interval_over_prompts(tmp_path):
@@ -112,17 +159,17 @@ def test_conservative_gate_reads_the_unsafe_end_of_the_interval_over_prompts(tmp
     # A threshold between the point and the interval's top: pooled passes, conservative fails.
     from dataclasses import replace
 
-    from llm_parity.thresholds import Thresholds
+    from llm_parity.compare.gates import Thresholds
 
     if high > point:
         middle = (point + high) / 2
         gates = tuple(replace(g, threshold=middle) if g.name == "kl_p95_safe" else g
                       for g in session.run.thresholds.gates)
         strict: Thresholds = replace(session.run.thresholds, gates=gates)
-        evaluate_gates(precision, strict)
+        precision = rejudge(session, strict)
         assert not gate(precision, "kl_p95_safe").passed
         loose = tuple(replace(g, conservative=False) for g in gates)
-        evaluate_gates(precision, replace(strict, gates=loose))
+        precision = rejudge(session, replace(strict, gates=loose))
         assert gate(precision, "kl_p95_safe").passed
 
 
@@ -141,33 +188,32 @@ def test_floor_summary_reaches_the_verdict_and_the_summary(tmp_path, read_json):
     assert block["dtype"] == "bfloat16" and block["k"] == 8
     sequence = block["views"]["sequence"]
     assert sequence["kl_mean"] == pytest.approx(aggregate(floor.values("kl", "sequence"), "mean"))
-    assert sequence["kl_ratio"] == pytest.approx(sequence["candidate_kl_mean"] / sequence["kl_mean"])
+    assert sequence["kl_ratio"] == pytest.approx(ratio(sequence["candidate_kl_mean"], sequence["kl_mean"]))
     relative = next(g for g in verdict["gates"] if g["name"] == "kl_vs_floor")
     assert relative["relative_to"] == "noise_floor" and relative["floor_value"] > 0
     path = tmp_path / "v.json"
-    from llm_parity.report import write_outputs
-
     session.settings = session.settings.__class__(**{**session.settings.__dict__,
                                                      "parity_json": path})
-    write_outputs(session)
+    write_session_outputs(session)
     read_json(path)  # validates against the shipped schema
-    text = "\n".join(summary_lines(session))
+    text = "\n".join(precision_summary(verdict))
     assert "noise floor (hf bfloat16 on cpu" in text
     assert "kl/floor" in text
 
 
-def test_floor_round_trips_through_json():
+def test_floor_round_trips_through_a_dict():
     session = make_session(noise=0.1, steps=4)
-    floor = NoiseFloor.from_precision(session.run.precision, dtype="bfloat16", device="cpu")
-    again = NoiseFloor.from_json(floor.to_json())
+    floor = floor_of(session)
+    again = NoiseFloor.from_dict(floor.to_dict())
     assert again.views == floor.views and again.flip_margins == floor.flip_margins
     assert again.values("kl", "decode") == floor.values("kl", "decode")
 
 
 def test_ratio_edges():
-    assert ratio(2.0, 1.0) == 2.0
-    assert ratio(0.0, 0.0) == 0.0
-    assert ratio(1e-6, 0.0) > 1e5  # a floor of zero makes any deviation enormous
+    assert ratio(2.0, 1.0) == pytest.approx(2.0, rel=1e-5)
+    assert ratio(0.0, 0.0) == 1.0  # a candidate as exact as a floor of ~0 is 1x it
+    assert ratio(1e-9, 0.0) == pytest.approx(1.001)  # not 1e3x: both are rounding noise
+    assert ratio(1e-3, 0.0) > 100  # a real deviation over an exact floor is still huge
     assert math.isnan(ratio(float("nan"), 1.0))
 
 

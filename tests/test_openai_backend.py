@@ -25,11 +25,12 @@ import numpy as np
 import pytest
 from conftest import junit_suite_properties, needs_vllm
 
-from llm_parity.engines.base import EngineError, EngineSpec
+from llm_parity.config.prompts import load_prompts, packaged_prompts_path
+from llm_parity.config.thresholds import load_thresholds, packaged_thresholds_path
+from llm_parity.engines.base import EngineSpec
 from llm_parity.engines.openai import OpenAIEngine, check_server_url
-from llm_parity.prompts import load_prompts, packaged_prompts_path
-from llm_parity.thresholds import load_thresholds, packaged_thresholds_path
-from llm_parity.toymodel import toy_model_dir
+from llm_parity.errors import EngineError
+from llm_parity.runner.toymodel import toy_model_dir
 
 SECRET = "sk-llm-parity-test-9f8e7d6c5b4a"  # must never show up in any output
 VOCAB = 4096  # the toy model's

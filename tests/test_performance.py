@@ -17,32 +17,27 @@ import numpy as np
 import pytest
 from conftest import junit_cases, needs_vllm
 
-from llm_parity.engines.base import EngineError, Timing, register
-from llm_parity.performance import (
+from llm_parity.compare.gates import Gate, GridCase
+from llm_parity.compare.performance import (
     ENGINE_TIMESTAMPS,
     TWO_LENGTHS,
     CaseResult,
-    MissingBenchmark,
-    PerformanceError,
-    PerformanceRun,
     Spread,
     evaluate_gate,
-    exact_length_prompt,
     figures_from_timings,
     gate_cases,
-    measure,
     reference_cases,
     speedup_pairs,
 )
-from llm_parity.prompts import load_prompts
-from llm_parity.thresholds import (
-    Gate,
-    GridCase,
-    ThresholdsError,
+from llm_parity.config.prompts import load_prompts
+from llm_parity.config.thresholds import (
     load_thresholds,
     packaged_thresholds_path,
     resolve_thresholds,
 )
+from llm_parity.engines.base import Timing, register
+from llm_parity.errors import EngineError, MissingBenchmark, PerformanceError, ThresholdsError
+from llm_parity.runner.performance import PerformanceRun, exact_length_prompt, measure
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
@@ -210,7 +205,7 @@ def test_a_gate_with_an_unmeasured_input_names_the_benchmark():
 
 
 def test_only_the_figures_a_gate_reads_are_warned_about():
-    from llm_parity.performance import gated_figures
+    from llm_parity.compare.performance import gated_figures
 
     t = resolve_thresholds({"performance": {
         "grid": [{"mode": m, "input_len": n, "output_len": 8}
@@ -294,8 +289,8 @@ def test_a_generation_short_of_the_asked_length_is_refused():
 
 
 def test_exact_length_prompts_from_the_toy_tokenizer():
-    from llm_parity.tokenization import load_tokenizer
-    from llm_parity.toymodel import toy_model_dir
+    from llm_parity.runner.tokenization import load_tokenizer
+    from llm_parity.runner.toymodel import toy_model_dir
 
     tokenizer = load_tokenizer(toy_model_dir())
     text = load_prompts().prompts[0].text

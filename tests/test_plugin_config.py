@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from llm_parity.prompts import load_prompts, packaged_prompts_path
-from llm_parity.thresholds import load_thresholds, packaged_thresholds_path
+from llm_parity.config.prompts import load_prompts, packaged_prompts_path
+from llm_parity.config.thresholds import load_thresholds, packaged_thresholds_path
 
 
 def long_prompt_count():
@@ -42,7 +42,7 @@ def test_help_lists_the_options_and_markers(pytester):
 
 
 def test_importing_the_plugin_does_not_import_torch_or_vllm():
-    code = ("import sys, llm_parity.plugin, llm_parity.metrics, llm_parity.report; "
+    code = ("import sys, llm_parity.pytest_plugin, llm_parity.compare.metrics, llm_parity.report.verdict; "
             "print(sorted(m for m in ('torch', 'transformers', 'vllm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from llm_parity.prompts import PromptsError, load_prompts, packaged_prompts_path
+from llm_parity.config.prompts import load_prompts, packaged_prompts_path
+from llm_parity.errors import PromptsError
 
 MAX_PROMPT_TOKENS = 1950  # 2048 positions minus room for a 64-token continuation
 
@@ -182,7 +183,7 @@ def test_rag_long_follows_the_training_layout(index):
 
 def test_rag_long_token_lengths_span_short_to_near_the_context_limit():
     transformers = pytest.importorskip("transformers")
-    from llm_parity.toymodel import toy_model_dir
+    from llm_parity.runner.toymodel import toy_model_dir
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(toy_model_dir())
     prompts = load_prompts(packaged_prompts_path("rag_long"))

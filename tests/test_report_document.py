@@ -10,10 +10,16 @@ from dataclasses import replace
 from html.parser import HTMLParser
 
 import pytest
-from synthetic import failed_session, make_session, performance_block
+from synthetic import (
+    failed_session,
+    make_session,
+    performance_block,
+    render_report,
+    write_session_outputs,
+)
 
-from llm_parity.report import _clean, verdict_dict, write_outputs
-from llm_parity.report_document import render_report, render_verdict
+from llm_parity.report.document import render_verdict
+from llm_parity.report.verdict import clean, verdict_dict
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +34,7 @@ def clean_pass():
 
 
 def data_of(session):
-    return _clean(verdict_dict(session))
+    return clean(verdict_dict(session))
 
 
 def sections(markdown: str) -> list[str]:
@@ -276,13 +282,13 @@ def test_write_outputs_writes_the_report(tmp_path, suffix, clean_pass):
     path = tmp_path / f"report{suffix}"
     session = copy.copy(clean_pass)
     session.settings = replace(clean_pass.settings, parity_reports=(path,))
-    write_outputs(session)
+    write_session_outputs(session)
     text = path.read_text(encoding="utf-8")
     assert text.startswith("<!doctype html>" if suffix == ".html" else "# llm-parity")
 
 
 def test_gates_relative_to_the_noise_floor_draw_no_line_on_the_metric_axis(mixed):
-    from llm_parity.report_document import _lines_for
+    from llm_parity.report.document import _lines_for
 
     data = data_of(mixed)
     data["gates"].append({"name": "kl_vs_floor", "metric": "kl", "aggregate": "mean",

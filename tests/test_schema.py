@@ -8,10 +8,11 @@ import json
 from dataclasses import replace
 
 import pytest
-from synthetic import failed_session, make_session, performance_block
+from synthetic import failed_session, make_session, performance_block, write_session_outputs
 
-from llm_parity.report import SCHEMA_VERSION, _clean, verdict_dict, write_outputs
-from llm_parity.schema import VerdictSchemaError, validate_verdict, verdict_schema
+from llm_parity.errors import VerdictSchemaError
+from llm_parity.report.schema import SCHEMA_VERSION, validate_verdict, verdict_schema
+from llm_parity.report.verdict import clean, verdict_dict
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -19,7 +20,7 @@ SPEC_FIELDS = ("verdict", "model", "candidate", "aggregate", "gates", "prompts",
 
 
 def verdict(**kwargs):
-    return _clean(verdict_dict(make_session(**kwargs)))
+    return clean(verdict_dict(make_session(**kwargs)))
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_the_schema_ships_with_the_package_and_is_valid_draft_2020_12():
 @pytest.mark.parametrize("kind", ["pass", "fail with depth", "error"])
 def test_every_kind_of_verdict_matches(kind, full):
     data = {"pass": lambda: verdict(), "fail with depth": lambda: full,
-            "error": lambda: _clean(verdict_dict(failed_session()))}[kind]()
+            "error": lambda: clean(verdict_dict(failed_session()))}[kind]()
     validate_verdict(data)
     assert data["verdict"] == kind.split()[0]
 
@@ -47,7 +48,7 @@ def test_every_kind_of_verdict_matches(kind, full):
 def test_the_written_file_matches(tmp_path, read_json):
     session = make_session(steps=4)
     session.settings = replace(session.settings, parity_json=tmp_path / "v.json")
-    write_outputs(session)
+    write_session_outputs(session)
     data = read_json(tmp_path / "v.json")  # the fixture validates it
     assert data["schema_version"] == SCHEMA_VERSION
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy.stats import bootstrap, spearmanr
+from scipy.stats import bootstrap
 
-from llm_parity import stats
-from llm_parity.metrics import aggregate
-from llm_parity.stats import bootstrap_ci, by_position, conservative, trend
+from llm_parity.compare import stats
+from llm_parity.compare.metrics import aggregate
+from llm_parity.compare.stats import bootstrap_ci, conservative
 
 NUMERIC = ("mean", "median", "min", "max", "p95", "p99")
 
@@ -227,99 +227,3 @@ def test_conservative_of_a_bootstrap_is_never_kinder_than_the_point():
 def test_conservative_rejects_bad_input(args, words):
     with pytest.raises(ValueError, match=words):
         conservative(*args)
-
-
-# ------------------------------------------------------------------ by_position
-
-
-def test_by_position_pools_every_group_per_bucket_of_positions():
-    groups = [[1.0, 2.0, 3.0, 4.0, 5.0], [10.0, 20.0, 30.0], [7.0]]
-    rows = by_position(groups, 2)
-    # Shorter groups drop out of the later buckets.
-    by_hand = [[1.0, 2.0, 10.0, 20.0, 7.0], [3.0, 4.0, 30.0], [5.0]]
-    assert [(r["start"], r["stop"]) for r in rows] == [(0, 2), (2, 4), (4, 6)]
-    for row, pool in zip(rows, by_hand):
-        assert row["count"] == len(pool)
-        assert row["mean"] == pytest.approx(np.mean(pool))
-        assert row["p95"] == pytest.approx(np.percentile(pool, 95))
-        assert row["max"] == max(pool)
-
-
-def test_by_position_with_bucket_one_is_the_per_position_profile():
-    rng = np.random.default_rng(0)
-    table = rng.exponential(size=(6, 10))
-    rows = by_position(list(table), 1)
-    assert [r["start"] for r in rows] == list(range(10))
-    assert [r["mean"] for r in rows] == pytest.approx(table.mean(axis=0))
-    assert [r["max"] for r in rows] == pytest.approx(table.max(axis=0))
-    assert [r["p95"] for r in rows] == pytest.approx(np.percentile(table, 95, axis=0))
-    assert all(r["count"] == 6 for r in rows)
-
-
-def test_by_position_bucket_wider_than_every_group_is_one_row_of_everything():
-    groups = exponential_groups(2, 5, (1, 9))
-    (row,) = by_position(groups, 64)
-    pooled = np.concatenate(groups)
-    assert (row["start"], row["stop"], row["count"]) == (0, 64, pooled.size)
-    assert row["mean"] == pytest.approx(pooled.mean())
-
-
-def test_by_position_of_booleans_gives_rates():
-    rows = by_position([[True, False], [True, True]], 1)
-    assert [r["mean"] for r in rows] == [1.0, 0.5]
-
-
-@pytest.mark.parametrize("bucket", [0, -2, 1.5, True])
-def test_by_position_rejects_a_bad_bucket(bucket):
-    with pytest.raises(ValueError, match="bucket"):
-        by_position([[1.0]], bucket)
-
-
-def test_by_position_rejects_empty_input_and_nan():
-    with pytest.raises(ValueError, match="values_per_group is empty"):
-        by_position([], 4)
-    with pytest.raises(ValueError, match="group 0 is empty"):
-        by_position([[]], 4)
-    with pytest.raises(ValueError, match="NaN"):
-        by_position([[1.0, float("nan")]], 4)
-
-
-# ------------------------------------------------------------------ trend
-
-
-def pooled_positions(groups):
-    positions = np.concatenate([np.arange(len(g)) for g in groups])
-    return positions, np.concatenate([np.asarray(g, dtype=float) for g in groups])
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_trend_is_spearman_of_position_against_value_pooled(seed):
-    groups = exponential_groups(seed, 8, (1, 40))
-    positions, values = pooled_positions(groups)
-    assert trend(groups) == pytest.approx(spearmanr(positions, values).statistic, abs=1e-12)
-
-
-def test_trend_sees_an_error_that_grows_with_position():
-    rng = np.random.default_rng(1)
-    growing = [1e-4 * np.arange(64) * rng.uniform(0.5, 1.5, size=64) for _ in range(10)]
-    flat = [rng.exponential(size=64) for _ in range(10)]
-    assert trend(growing) > 0.8
-    assert trend([g[::-1] for g in growing]) < -0.8
-    assert abs(trend(flat)) < 0.1
-
-
-def test_trend_of_constant_values_or_single_positions_is_zero():
-    assert trend([[0.1, 0.1, 0.1], [0.1]]) == 0.0
-    assert trend([[0.3], [0.1], [0.2]]) == 0.0
-
-
-def test_trend_rejects_empty_input():
-    with pytest.raises(ValueError, match="values_per_group is empty"):
-        trend([])
-    with pytest.raises(ValueError, match="group 1 is empty"):
-        trend([[1.0], []])
-
-
-def test_stats_module_needs_no_scipy():
-    with open(stats.__file__, encoding="utf-8") as f:
-        assert "scipy" not in f.read()

@@ -11,10 +11,10 @@ import shutil
 import pytest
 from conftest import junit_cases, junit_suite_properties, needs_vllm
 
-from llm_parity.mutants import make_mutant
-from llm_parity.prompts import load_prompts, packaged_prompts_path
-from llm_parity.thresholds import load_thresholds, packaged_thresholds_path
-from llm_parity.toymodel import toy_model_dir
+from llm_parity.config.prompts import load_prompts, packaged_prompts_path
+from llm_parity.config.thresholds import load_thresholds, packaged_thresholds_path
+from llm_parity.runner.toymodel import toy_model_dir
+from llm_parity.testing.mutants import make_mutant
 
 pytestmark = pytest.mark.engine
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from llm_parity.thresholds import (
+from llm_parity.config.thresholds import (
     Gate,
-    ThresholdsError,
     load_thresholds,
     packaged_thresholds_path,
     resolve_thresholds,
 )
+from llm_parity.errors import ThresholdsError
 
 
 def write(tmp_path, text):
@@ -88,9 +88,29 @@ max = 0.1
     assert load_thresholds(path).gates[0].threshold == 0.01
     assert load_thresholds(path, platform="npu").gates[0].threshold == 0.02
     assert load_thresholds(path, platform="cpu").gates[0].threshold == 0.01
-    # A local copy named like the hub model takes the model override too.
-    by_model = load_thresholds(path, platform="npu", model="/models/Pleias-RAG-350M")
+    by_model = load_thresholds(path, platform="npu", model="PleIAs/Pleias-RAG-350M")
     assert [(g.name, g.threshold) for g in by_model.gates] == [("kl_mean", 0.03), ("js_max", 0.1)]
+    # A hub id matches that hub id only: not another org's model nor a directory that
+    # happens to share its last name.
+    for other in ("anyone/Pleias-RAG-350M", "/models/Pleias-RAG-350M", "Pleias-RAG-350M"):
+        gates = load_thresholds(path, platform="npu", model=other).gates
+        assert [(g.name, g.threshold) for g in gates] == [("kl_mean", 0.02)], other
+
+
+def test_a_model_override_keyed_by_a_path_matches_that_directory(tmp_path):
+    model = tmp_path / "ckpt"
+    model.mkdir()
+    path = write(tmp_path, f"""
+[precision.gates.kl_mean]
+metric = "kl"
+max = 0.01
+
+[models."{model}".precision.gates.kl_mean]
+max = 0.05
+""")
+    assert load_thresholds(path, model=str(model)).gates[0].threshold == 0.05
+    assert load_thresholds(path, model=str(model) + "/").gates[0].threshold == 0.05
+    assert load_thresholds(path, model=str(tmp_path / "other" / "ckpt")).gates[0].threshold == 0.01
 
 
 def test_an_override_can_disable_a_gate_or_flip_its_bound(tmp_path):
@@ -158,7 +178,7 @@ def test_mistakes_name_the_file_the_key_and_what_was_expected(tmp_path, text, ex
 
 def test_a_new_gate_in_an_override_must_be_whole():
     data = {"platforms": {"npu": {"precision": {"gates": {"new": {"max": 0.1}}}}}}
-    with pytest.raises(ThresholdsError, match=r"\[precision.gates.new\] needs metric"):
+    with pytest.raises(ThresholdsError, match=r"merged with \[platforms.npu\]\): \[precision.gates.new\] missing key 'metric'"):
         resolve_thresholds(data, platform="npu")
 
 

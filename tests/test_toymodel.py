@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from llm_parity import toymodel
-from llm_parity.toymodel import (
+from llm_parity.runner import toymodel
+from llm_parity.runner.toymodel import (
     PLEIAS_CONFIG,
     toy_model_dir,
     write_pleias_shape,
@@ -52,7 +52,7 @@ def config() -> dict:
 
 def test_import_stays_cheap():
     code = (
-        "import sys, llm_parity.toymodel; "
+        "import sys, llm_parity.runner.toymodel; "
         "heavy = {'torch', 'transformers', 'safetensors'} & set(sys.modules); "
         "assert not heavy, heavy"
     )

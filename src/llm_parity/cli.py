@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def _toy_model(args: argparse.Namespace) -> int:
-    from llm_parity.toymodel import write_toy_model
+    from llm_parity.runner.toymodel import write_toy_model
 
     path = write_toy_model(Path(args.dir))
     print(f"wrote the embedded toy model to {path}")
@@ -16,8 +16,8 @@ def _toy_model(args: argparse.Namespace) -> int:
 
 
 def _pleias_shape(args: argparse.Namespace) -> int:
-    from llm_parity.models import checkpoint_card
-    from llm_parity.toymodel import write_pleias_shape
+    from llm_parity.runner.models import checkpoint_card
+    from llm_parity.runner.toymodel import write_pleias_shape
 
     path = write_pleias_shape(Path(args.dir), seed=args.seed)
     card = checkpoint_card(path)
@@ -28,7 +28,7 @@ def _pleias_shape(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from llm_parity.compare import run
+    from llm_parity.report.compare import run
 
     comparison = run(args.old, args.new, top=args.top)
     print("\n".join(comparison.lines))

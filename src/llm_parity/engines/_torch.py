@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from llm_parity.engines.base import EngineError
+from llm_parity.errors import EngineError
 
 
 def torch_dtype(name: str):

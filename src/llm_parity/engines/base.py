@@ -12,14 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import numpy as np
+from llm_parity.compare.answers import Decoded, NextToken
+from llm_parity.errors import EngineError
 
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda", "npu", "xpu")
 
-
-class EngineError(RuntimeError):
-    """An engine that could not be built, died, or answered something unusable."""
 
 
 @dataclass(frozen=True)
@@ -38,45 +36,6 @@ class EngineSpec:
     name: str | None = None  # the checkpoint as the user named it (hub id, path)
     url: str | None = None  # a served candidate's base URL (openai backend)
     api_key_env: str | None = None  # variable holding its API key (never the key)
-
-
-@dataclass(frozen=True)
-class NextToken:
-    """An engine's view of the next token at one position.
-
-    `token_ids` and `logprobs` are its top-k, ordered by rank; `full_logprobs` is the whole
-    vocabulary when the engine exposes it (the reference always does).
-    """
-
-    token_ids: np.ndarray
-    logprobs: np.ndarray
-    full_logprobs: np.ndarray | None = None
-    # The float32 logits `full_logprobs` was computed from, where the engine has them: a
-    # golden reference store keeps these and rebuilds the row bit for bit.
-    logits: np.ndarray | None = None
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Full-vocabulary log-probs in float64 from one row of logits (any float dtype)."""
-    row = np.asarray(logits, dtype=np.float64)
-    shifted = row - row.max()
-    return shifted - np.log(np.exp(shifted).sum())
-
-
-def next_token_from_logits(logits: np.ndarray, k: int) -> NextToken:
-    """The view of a full-vocabulary engine: float64 log-probs, top-k by rank (stable)."""
-    logits = np.asarray(logits, dtype=np.float32)
-    row = log_softmax(logits)
-    top = np.argsort(-row, kind="stable")[:k]
-    return NextToken(token_ids=top, logprobs=row[top], full_logprobs=row, logits=logits)
-
-
-@dataclass(frozen=True)
-class Decoded:
-    """What greedy decoding produced: the tokens, and the view before each of them."""
-
-    token_ids: list[int]
-    steps: list[NextToken]
 
 
 @dataclass(frozen=True)
@@ -154,53 +113,57 @@ class Engine(abc.ABC):
         self.close()
 
 
-_REGISTRY: dict[str, str] = {
-    # name -> "module:Class", imported only when that backend is asked for
+# Backends are found through this entry-point group: a new backend is one module with an
+# Engine subclass plus one entry point (name = "package.module:Class"), as in
+# lm-evaluation-harness; nothing here is edited. The built-in ones are also listed here, for
+# a source tree used without installing it.
+ENTRY_POINT_GROUP = "llm_parity.engines"
+_BUILTIN: dict[str, str] = {
     "hf": "llm_parity.engines.hf:HfEngine",
     "vllm": "llm_parity.engines.vllm:VllmEngine",
     "openai": "llm_parity.engines.openai:OpenAIEngine",
 }
+_REGISTERED: dict[str, str] = {}
 
 
 def register(name: str, target: str) -> None:
-    """Add a backend: `target` is "package.module:Class" of an Engine subclass."""
-    _REGISTRY[name] = target
+    """Add a backend at run time: `target` is "package.module:Class" of an Engine subclass."""
+    _REGISTERED[name] = target
+
+
+def _registry() -> dict[str, str]:
+    from importlib.metadata import entry_points
+
+    found = {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    return {**_BUILTIN, **found, **_REGISTERED}
 
 
 def backends() -> tuple[str, ...]:
-    return tuple(_REGISTRY)
+    return tuple(_registry())
 
 
 def engine_class(name: str) -> type[Engine]:
+    registry = _registry()
     try:
-        target = _REGISTRY[name]
+        target = registry[name]
     except KeyError:
         raise EngineError(
-            f"unknown candidate backend {name!r}; expected one of: {', '.join(_REGISTRY)}, auto"
+            f"unknown candidate backend {name!r}; expected one of: {', '.join(registry)}, auto"
         ) from None
     module_name, _, class_name = target.partition(":")
     return getattr(importlib.import_module(module_name), class_name)
+
+
+def resolve_candidate_backend(name: str) -> str:
+    """`auto` is vllm where it imports, else hf; any other name is itself."""
+    if name != "auto":
+        return name
+    import importlib.util
+
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
 
 
 def build_engine(backend: str, spec: EngineSpec) -> Engine:
     return engine_class(backend)(spec)
 
 
-def check_next_token(result: NextToken, *, k: int, vocab_size: int, where: str) -> None:
-    """Reject an answer the metrics cannot use, naming the prompt and what was wrong."""
-    if len(result.token_ids) < min(k, vocab_size):
-        raise EngineError(
-            f"{where}: returned {len(result.token_ids)} log-probs, asked for {k} "
-            "(the engine may cap them: raise its max_logprobs, or lower --logprobs)"
-        )
-    for name, values in (("top-k log-probs", result.logprobs), ("logits", result.full_logprobs)):
-        if values is None:
-            continue
-        bad = np.flatnonzero(np.isnan(values) | np.isposinf(values))
-        if bad.size:
-            raise EngineError(
-                f"{where}: {bad.size} NaN or infinite {name} (first at index {bad[0]}); "
-                "the model produced non-finite numbers"
-            )
-    if np.isneginf(result.logprobs[0]):
-        raise EngineError(f"{where}: the rank-1 log-prob is -inf; the distribution is empty")

@@ -15,16 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from llm_parity.compare.answers import Decoded, NextToken, next_token_from_logits
 from llm_parity.engines._torch import resolve_device, torch_dtype, transformers_dtype_kwarg
-from llm_parity.engines.base import (
-    Decoded,
-    Engine,
-    EngineError,
-    EngineSpec,
-    NextToken,
-    Timing,
-    next_token_from_logits,
-)
+from llm_parity.engines.base import Engine, EngineSpec, Timing
+from llm_parity.errors import EngineError
 
 
 class HfEngine(Engine):

@@ -11,7 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from llm_parity.engines.base import Decoded, Engine, EngineError, EngineSpec, NextToken, Timing
+from llm_parity.compare.answers import Decoded, NextToken
+from llm_parity.engines.base import Engine, EngineSpec, Timing
+from llm_parity.errors import EngineError
 
 # On CPU, vLLM otherwise reserves a share of the NUMA node's memory for the KV cache
 # (~5 GB resident even for the toy model); 1 GiB holds ~10k tokens of Pleias-RAG-350M.

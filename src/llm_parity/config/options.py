@@ -1,0 +1,299 @@
+"""The run's settings: every option validated up front, before any model is loaded."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llm_parity.config.checkpoint import check_checkpoint_dir, is_local_reference
+from llm_parity.config.prompts import Prompt, PromptSet, load_prompts, packaged_prompts_path
+from llm_parity.config.thresholds import Thresholds, ThresholdsFile, packaged_thresholds_path
+from llm_parity.engines.base import DTYPES, backends
+from llm_parity.errors import ModelError, PromptsError, SettingsError, ThresholdsError
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str
+    help: str
+    default: Any = None
+    kind: str = "str"  # str, int, bool, list
+
+    @property
+    def dest(self) -> str:
+        return "parity_" + self.flag.lstrip("-").replace("-", "_")
+
+    @property
+    def ini(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+# Help-text rules: say what the value is, then the default in parentheses.
+OPTIONS = (
+    Option("--model", "checkpoint under test: a local directory or a hub id resolved through "
+           "ModelScope, then the HuggingFace cache (default: the embedded toy model)"),
+    Option("--candidate", "candidate backend: vllm, hf, openai or auto (default: auto = vllm "
+           "if importable, else hf)", "auto"),
+    Option("--candidate-url", "base URL of an OpenAI-compatible server to test with "
+           "--candidate openai, e.g. http://127.0.0.1:8000 (default: none)"),
+    Option("--candidate-api-key-env", "environment variable holding that server's API key; "
+           "the key itself is never printed or written (default: OPENAI_API_KEY)",
+           "OPENAI_API_KEY"),
+    Option("--candidate-model", "a different checkpoint for the candidate, e.g. a converted "
+           "or quantized copy (default: same as --model)"),
+    Option("--candidate-dtype", "candidate dtype: bfloat16, float16 or float32 (default: "
+           "bfloat16)", "bfloat16"),
+    Option("--reference-dtype", "reference dtype (default: float32)", "float32"),
+    Option("--candidate-device", "candidate device: auto, cpu, cuda, npu, xpu (default: auto)",
+           "auto"),
+    Option("--reference-device", "reference device (default: cpu)", "cpu"),
+    Option("--thresholds", "gates file (default: ./thresholds.toml if present, else the "
+           "packaged one)"),
+    Option("--prompts", "prompt set file: .json, .jsonl or .txt (default: the packaged 25 RAG "
+           "prompts)"),
+    Option("--logprobs", "top-k log-probs asked of the candidate (default: 20)", 20, "int"),
+    Option("--continuation", "tokens the reference continues each prompt for the "
+           "teacher-forced and free-running comparisons; 0 keeps to the first token "
+           "(default: 32)", 32, "int"),
+    Option("--long-prompts", "long-context prompt set for those comparisons, or 'none' "
+           "(default: the packaged RAG contexts of 300-1900 tokens)"),
+    Option("--noise-floor", "measure the bf16 noise floor (Transformers in the candidate's "
+           "dtype against the float32 reference) for gates relative to it: auto, on or off "
+           "(default: auto = when the thresholds file has such a gate)", "auto"),
+    Option("--reference-store", "directory of a golden reference: reused when it matches this "
+           "run (checkpoint, tokenizer, prompts, positions, versions), written when absent, "
+           "refused when stale (default: off)"),
+    Option("--reference-store-update", "recompute and rewrite the --reference-store even if "
+           "it is stale (default: off)", False, "bool"),
+    Option("--parity-json", "write the machine-readable verdict to this path (default: off)"),
+    Option("--parity-report", "write the acceptance report: Markdown (.md) or HTML (.html); "
+           "repeatable, e.g. both (default: off)", None, "list"),
+    Option("--candidate-option", "KEY=VALUE passed to the candidate engine's constructor, "
+           "repeatable, e.g. enforce_eager=true (default: none)", None, "list"),
+    Option("--tensor-parallel-size", "tensor-parallel size of the vllm candidate (default: 1)",
+           1, "int"),
+    Option("--trust-remote-code", "allow the checkpoint's own Python code (default: off)",
+           False, "bool"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str | None
+    candidate: str
+    candidate_model: str | None
+    candidate_dtype: str
+    reference_dtype: str
+    candidate_device: str
+    reference_device: str
+    thresholds_path: Path
+    prompts: PromptSet
+    logprobs: int
+    parity_json: Path | None
+    parity_reports: tuple[Path, ...]
+    candidate_options: dict[str, Any] = field(default_factory=dict)
+    tensor_parallel_size: int = 1
+    trust_remote_code: bool = False
+    thresholds_explicit: bool = False
+    continuation: int = 32
+    long_prompts: PromptSet | None = None
+    candidate_url: str | None = None
+    candidate_api_key_env: str = "OPENAI_API_KEY"
+    noise_floor: str = "auto"  # auto, on, off
+    reference_store: Path | None = None
+    reference_store_update: bool = False
+    # The thresholds file parsed and validated once (read from thresholds_path when not given).
+    thresholds_file: ThresholdsFile = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.thresholds_file is None:
+            object.__setattr__(self, "thresholds_file", ThresholdsFile.read(self.thresholds_path))
+
+    def thresholds(self, platform: str | None = None, model: str | None = None) -> Thresholds:
+        """The effective gates for a platform and model, from the file parsed once."""
+        return self.thresholds_file.resolve(platform, model)
+
+    def depth_prompts(self) -> list[Prompt]:
+        """The prompts the depth views continue: the first-token set, then the long set."""
+        if self.continuation == 0:
+            return []
+        sets = [self.prompts] + ([self.long_prompts] if self.long_prompts else [])
+        return [p for prompt_set in sets for p in prompt_set.prompts]
+
+
+def parse_value(text: str) -> Any:
+    """KEY=VALUE values: true/false, ints and floats become themselves, the rest stays text."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def build_settings(raw: dict[str, Any], rootdir: Path) -> Settings:
+    """Validate the raw option values (flag name without dashes -> value)."""
+    candidate = raw["candidate"]
+    known = (*backends(), "auto")
+    if candidate not in known:
+        raise SettingsError(f"--candidate: unknown backend {candidate!r}; expected one of: "
+                            f"{', '.join(known)}")
+    for flag in ("candidate-dtype", "reference-dtype"):
+        if raw[flag] not in DTYPES:
+            raise SettingsError(f"--{flag}: unknown dtype {raw[flag]!r}; expected one of: "
+                                f"{', '.join(DTYPES)}")
+    for flag in ("candidate-device", "reference-device"):
+        if raw[flag].split(":")[0] not in ("auto", "cpu", "cuda", "npu", "xpu"):
+            raise SettingsError(f"--{flag}: unknown device {raw[flag]!r}; expected auto, cpu, "
+                                "cuda, npu or xpu (optionally with :index)")
+    candidate_url = _candidate_url(raw, candidate)
+    logprobs = _positive_int(raw["logprobs"], "--logprobs")
+    tp = _positive_int(raw["tensor-parallel-size"], "--tensor-parallel-size")
+    continuation = _positive_int(raw["continuation"], "--continuation", minimum=0)
+    for flag in ("model", "candidate-model"):
+        name = raw[flag]
+        if name and is_local_reference(name):
+            try:
+                check_checkpoint_dir(Path(name).expanduser(), f"--{flag}")
+            except ModelError as exc:
+                raise SettingsError(str(exc)) from None
+    thresholds_explicit = bool(raw["thresholds"])
+    if raw["thresholds"]:
+        thresholds_path = Path(raw["thresholds"]).expanduser()
+        if not thresholds_path.is_absolute():
+            thresholds_path = Path.cwd() / thresholds_path
+    elif (Path.cwd() / "thresholds.toml").is_file():
+        thresholds_path = Path.cwd() / "thresholds.toml"
+    elif (rootdir / "thresholds.toml").is_file():
+        thresholds_path = rootdir / "thresholds.toml"
+    else:
+        thresholds_path = packaged_thresholds_path()
+    try:
+        # The whole file, every override and every merged gate, checked now; parsed once.
+        thresholds_file = ThresholdsFile.read(thresholds_path)
+        prompts = load_prompts(raw["prompts"] or None)
+        long_prompts = _long_prompts(raw["long-prompts"], continuation)
+    except (ThresholdsError, PromptsError) as exc:
+        raise SettingsError(str(exc)) from None
+    noise_floor = str(raw["noise-floor"]).lower()
+    if noise_floor not in NOISE_FLOOR_CHOICES:
+        raise SettingsError(f"--noise-floor: expected one of {', '.join(NOISE_FLOOR_CHOICES)}, "
+                            f"got {raw['noise-floor']!r}")
+    reference_store = _store_path(raw["reference-store"])
+    if raw["reference-store-update"] and reference_store is None:
+        raise SettingsError("--reference-store-update needs --reference-store DIR, the store "
+                            "to rewrite")
+    options = {}
+    for item in raw["candidate-option"] or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise SettingsError(f"--candidate-option: expected KEY=VALUE with KEY a Python "
+                                f"identifier, got {item!r}")
+        options[key.strip()] = parse_value(value.strip())
+    return Settings(
+        model=raw["model"],
+        candidate=candidate,
+        candidate_model=raw["candidate-model"],
+        candidate_dtype=raw["candidate-dtype"],
+        reference_dtype=raw["reference-dtype"],
+        candidate_device=raw["candidate-device"],
+        reference_device=raw["reference-device"],
+        thresholds_path=thresholds_path.resolve(),
+        prompts=prompts,
+        logprobs=logprobs,
+        parity_json=_output_path(raw["parity-json"], "--parity-json", (".json",)),
+        parity_reports=tuple(
+            _output_path(value, "--parity-report", (".md", ".markdown", ".html", ".htm"))
+            for value in raw["parity-report"] or []
+        ),
+        candidate_options=options,
+        tensor_parallel_size=tp,
+        trust_remote_code=bool(raw["trust-remote-code"]),
+        thresholds_explicit=thresholds_explicit,
+        continuation=continuation,
+        long_prompts=long_prompts,
+        candidate_url=candidate_url,
+        candidate_api_key_env=raw["candidate-api-key-env"],
+        noise_floor=noise_floor,
+        reference_store=reference_store,
+        reference_store_update=bool(raw["reference-store-update"]),
+        thresholds_file=thresholds_file,
+    )
+
+
+NOISE_FLOOR_CHOICES = ("auto", "on", "off")
+
+
+def _store_path(value: str | None) -> Path | None:
+    """A store directory: absent (to be written) or a directory; its parent must exist."""
+    if not value:
+        return None
+    path = Path(value).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise SettingsError(f"--reference-store: {value!r} exists and is not a directory")
+    if not path.parent.is_dir():
+        raise SettingsError(f"--reference-store: the directory {path.parent} does not exist")
+    return path
+
+
+def _candidate_url(raw: dict[str, Any], candidate: str) -> str | None:
+    """A served candidate: --candidate openai and --candidate-url go together."""
+    from llm_parity.engines.openai import DEFAULT_API_KEY_ENV, check_server_url
+
+    url = raw["candidate-url"]
+    if candidate == "openai" and not url:
+        raise SettingsError("--candidate openai needs --candidate-url, the server's base URL "
+                            "(e.g. --candidate-url http://127.0.0.1:8000)")
+    if url and candidate != "openai":
+        raise SettingsError(f"--candidate-url is set but --candidate is {candidate!r}; add "
+                            "--candidate openai to test the server")
+    key_env = raw["candidate-api-key-env"]
+    if not key_env or not key_env.replace("_", "a").isalnum() or key_env[0].isdigit():
+        raise SettingsError(f"--candidate-api-key-env: expected an environment variable name, "
+                            f"got {key_env!r}")
+    if key_env != DEFAULT_API_KEY_ENV and key_env not in os.environ:
+        raise SettingsError(f"--candidate-api-key-env: ${key_env} is not set")
+    if not url:
+        return None
+    try:
+        return check_server_url(url)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+
+
+def _long_prompts(value: str | None, continuation: int) -> PromptSet | None:
+    if continuation == 0 or (value or "").lower() == "none":
+        return None
+    if value:
+        return load_prompts(value)
+    packaged = packaged_prompts_path("rag_long")
+    return load_prompts(packaged) if packaged.is_file() else None
+
+
+def _positive_int(value: Any, flag: str, minimum: int = 1) -> int:
+    what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{flag}: expected {what}, got {value!r}") from None
+    if number < minimum:
+        raise SettingsError(f"{flag}: expected {what}, got {number}")
+    return number
+
+
+def _output_path(value: str | None, flag: str, suffixes: tuple[str, ...]) -> Path | None:
+    if not value:
+        return None
+    path = Path(value).expanduser().absolute()
+    if path.suffix.lower() not in suffixes:
+        raise SettingsError(f"{flag}: {value!r} should end in {' or '.join(suffixes)}")
+    if not path.parent.is_dir():
+        raise SettingsError(f"{flag}: the directory {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise SettingsError(f"{flag}: the directory {path.parent} is not writable")
+    return path

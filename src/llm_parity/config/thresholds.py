@@ -1,0 +1,399 @@
+"""Gates read from thresholds.toml: parsing, validation and evaluation.
+
+The file is plain TOML read with tomllib, never executed. Every table and key is checked
+against the schema below before any model is loaded; a mistake names the file, the key
+and what was expected.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from llm_parity import DATA_DIR
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+from llm_parity.compare.gates import (
+    EXECUTION_MODES,
+    NOISE_FLOOR,
+    PERFORMANCE_METRICS,
+    PLATFORMS,
+    PRECISION_METRICS,
+    RELATIVE_METRICS,
+    VIEWS,
+    Gate,
+    GridCase,
+    Thresholds,
+)
+from llm_parity.compare.metrics import AGGREGATES
+from llm_parity.errors import ThresholdsError
+
+_GATE_KEYS = ("metric", "aggregate", "min", "max", "over", "mode", "enabled", "description",
+              "relative_to", "conservative")
+_TOP_KEYS = ("schema_version", "precision", "performance", "platforms", "models")
+_PRECISION_KEYS = ("gates", "prompt_gates", "near_tie_margin", "strict")
+_PERFORMANCE_KEYS = ("grid", "warmup_rounds", "rounds", "max_cv", "gates")
+_GRID_KEYS = ("mode", "input_len", "output_len")
+
+
+
+def packaged_thresholds_path() -> Path:
+    return DATA_DIR / "thresholds.toml"
+
+
+class ThresholdsFile:
+    """A thresholds file read and validated once per session, resolved per platform and
+    model on demand (each resolution is kept: one parse, one merge per pair)."""
+
+    def __init__(self, data: Mapping[str, Any], source: str = "<thresholds>") -> None:
+        _validate_document(data, source)
+        self.data = data
+        self.source = source
+        self._resolved: dict[tuple[str | None, str | None], Thresholds] = {}
+        # Every merged combination is checked now, before any model loads: an override
+        # can turn a valid base gate into an invalid one (a rate of a KL, a min on a ratio).
+        for platform in (None, *data.get("platforms", {})):
+            for model in (None, *data.get("models", {})):
+                self._merged(platform, model, check=True)
+
+    @classmethod
+    def read(cls, path: Path | str) -> ThresholdsFile:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ThresholdsError(
+                f"{path}: cannot read the thresholds file ({exc.strerror})") from exc
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ThresholdsError(f"{path}: not valid TOML: {exc}") from exc
+        return cls(data, str(path))
+
+    def resolve(self, platform: str | None = None, model: str | None = None) -> Thresholds:
+        """The effective gates for one platform and model (None: the base sections)."""
+        key = (platform, model)
+        if key not in self._resolved:
+            self._resolved[key] = self._merged(platform, model)
+        return self._resolved[key]
+
+    def _merged(self, platform: str | None, model: str | None, check: bool = False
+                ) -> Thresholds:
+        data = self.data
+        merged: dict[str, Any] = {
+            "precision": copy.deepcopy(data.get("precision", {})),
+            "performance": copy.deepcopy(data.get("performance", {})),
+        }
+        sections = []
+        if platform and platform in data.get("platforms", {}):
+            _merge(merged, data["platforms"][platform])
+            sections.append(f"platforms.{platform}")
+        for key, override in data.get("models", {}).items():
+            if model is not None and (key == model if check else model_matches(key, model)):
+                _merge(merged, override)
+                sections.append(f'models."{key}"')
+        where = self.source + (f" (merged with [{'] and ['.join(sections)}])" if sections
+                               else "")
+        if check and sections:
+            _validate_section(merged, where, "", full=True)
+        precision = merged["precision"]
+        performance = merged["performance"]
+        return Thresholds(
+            source=self.source,
+            gates=_build_gates(precision.get("gates", {}), "precision.gates", "run", where),
+            prompt_gates=_build_gates(
+                precision.get("prompt_gates", {}), "precision.prompt_gates", "prompt", where
+            ),
+            near_tie_margin=float(precision.get("near_tie_margin", 0.0)),
+            strict=bool(precision.get("strict", False)),
+            performance_gates=_build_gates(
+                performance.get("gates", {}), "performance.gates", "performance", where
+            ),
+            grid=tuple(
+                GridCase(c["mode"], int(c["input_len"]), int(c["output_len"]))
+                for c in performance.get("grid", [])
+            ),
+            warmup_rounds=int(performance.get("warmup_rounds", 1)),
+            rounds=int(performance.get("rounds", 3)),
+            max_cv=float(performance.get("max_cv", 0.1)),
+        )
+
+    def _every_platform(self, model: str | None) -> list[Thresholds]:
+        return [self.resolve(platform, model) for platform in (None, *PLATFORMS)]
+
+    def gate_names(self, model: str | None) -> list[str]:
+        """Every precision gate name the file can produce, on any platform, for this model."""
+        return list({g.name: None for t in self._every_platform(model) for g in t.gates})
+
+    def performance_gate_names(self, model: str | None) -> list[str]:
+        return list({g.name: None for t in self._every_platform(model)
+                     for g in t.performance_gates})
+
+    def grid_union(self, model: str | None) -> list[GridCase]:
+        """Every grid case of any platform, so test ids are stable; each run skips the
+        cases its own platform's grid leaves out."""
+        return list({c: None for t in self._every_platform(model) for c in t.grid})
+
+
+def load_thresholds(
+    path: Path | str, *, platform: str | None = None, model: str | None = None
+) -> Thresholds:
+    """Read, validate and resolve a thresholds file for one platform and model."""
+    return ThresholdsFile.read(path).resolve(platform, model)
+
+
+def resolve_thresholds(
+    data: Mapping[str, Any],
+    *,
+    source: str = "<thresholds>",
+    platform: str | None = None,
+    model: str | None = None,
+) -> Thresholds:
+    """Validate the whole document, then merge the matching overrides over the base."""
+    return ThresholdsFile(data, source).resolve(platform, model)
+
+
+def model_matches(key: str, model: str) -> bool:
+    """A [models."KEY"] section applies to the model named exactly KEY (a hub id), or, where
+    KEY is a path (absolute, or starting with ./ or ~), to that same directory."""
+    if model == key:
+        return True
+    if key.startswith(("/", "./", "../", "~")):
+        try:
+            return Path(key).expanduser().resolve() == Path(model).expanduser().resolve()
+        except OSError:
+            return False
+    return False
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> None:
+    for key, value in override.items():
+        if key in ("min", "max"):  # an override that flips the bound replaces the old one
+            base.pop("max" if key == "min" else "min", None)
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+
+
+def _build_gates(
+    tables: Mapping[str, Any], where: str, scope: str, source: str
+) -> tuple[Gate, ...]:
+    metrics = PERFORMANCE_METRICS if scope == "performance" else PRECISION_METRICS
+    gates = []
+    for name, table in tables.items():
+        if not table.get("enabled", True):
+            continue
+        missing = [k for k in ("metric",) if k not in table]
+        if not ("min" in table) ^ ("max" in table):
+            missing.append("exactly one of min or max")
+        if missing:
+            raise ThresholdsError(
+                f"{source}: [{where}.{name}] needs {', '.join(missing)} "
+                "(an override that adds a new gate must give the whole gate)"
+            )
+        bound = "min" if "min" in table else "max"
+        metric = table["metric"]
+        how = table.get("aggregate") or ("rate" if metrics[metric] else "mean")
+        gates.append(
+            Gate(
+                name=name,
+                metric=metric,
+                aggregate=how,
+                bound=bound,
+                threshold=float(table[bound]),
+                scope=scope,
+                description=table.get("description", ""),
+                over=table.get("over", "first_token"),
+                mode=table.get("mode"),
+                relative_to=table.get("relative_to"),
+                conservative=bool(table.get("conservative", False)),
+            )
+        )
+    return tuple(gates)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _fail(source: str, key: str, message: str) -> ThresholdsError:
+    return ThresholdsError(f"{source}: [{key}] {message}")
+
+
+def _check_keys(table: Any, allowed: Iterable[str], source: str, where: str) -> None:
+    if not isinstance(table, Mapping):
+        raise _fail(source, where, f"must be a table, got {_type_name(table)}")
+    allowed = tuple(allowed)
+    for key in table:
+        if key not in allowed:
+            hint = difflib.get_close_matches(key, allowed, n=1)
+            suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise _fail(
+                source,
+                where,
+                f"unknown key '{key}'{suggestion}; expected one of: {', '.join(allowed)}",
+            )
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "an array", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _validate_document(data: Mapping[str, Any], source: str) -> None:
+    _check_keys(data, _TOP_KEYS, source, "top level")
+    _validate_section(data, source, "", full=True)
+    platforms = data.get("platforms", {})
+    _check_keys(platforms, PLATFORMS, source, "platforms")
+    for name, section in platforms.items():
+        _check_keys(section, ("precision", "performance"), source, f"platforms.{name}")
+        _validate_section(section, source, f"platforms.{name}.", full=False)
+    models = data.get("models", {})
+    if not isinstance(models, Mapping):
+        raise _fail(source, "models", f"must be a table, got {_type_name(models)}")
+    for name, section in models.items():
+        _check_keys(section, ("precision", "performance"), source, f'models."{name}"')
+        _validate_section(section, source, f'models."{name}".', full=False)
+
+
+def _validate_section(data: Mapping[str, Any], source: str, prefix: str, full: bool) -> None:
+    precision = data.get("precision", {})
+    _check_keys(precision, _PRECISION_KEYS, source, f"{prefix}precision")
+    if "near_tie_margin" in precision and not (
+        _is_number(precision["near_tie_margin"]) and precision["near_tie_margin"] >= 0
+    ):
+        raise _fail(
+            source,
+            f"{prefix}precision",
+            "near_tie_margin must be a non-negative number (a log-prob gap), "
+            f"got {precision['near_tie_margin']!r}",
+        )
+    if "strict" in precision and not isinstance(precision["strict"], bool):
+        raise _fail(source, f"{prefix}precision",
+                    f"strict must be true or false, got {precision['strict']!r}")
+    for group in ("gates", "prompt_gates"):
+        tables = precision.get(group, {})
+        _check_keys(tables, tables.keys() if isinstance(tables, Mapping) else (), source,
+                    f"{prefix}precision.{group}")
+        for name, gate in tables.items():
+            _validate_gate(gate, PRECISION_METRICS, source, f"{prefix}precision.{group}.{name}",
+                           full)
+    performance = data.get("performance", {})
+    _check_keys(performance, _PERFORMANCE_KEYS, source, f"{prefix}performance")
+    for key in ("warmup_rounds", "rounds"):
+        if key in performance:
+            value = performance[key]
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= (
+                    0 if key == "warmup_rounds" else 1)):
+                raise _fail(source, f"{prefix}performance",
+                            f"{key} must be an integer >= {0 if key == 'warmup_rounds' else 1}, "
+                            f"got {value!r}")
+    if "max_cv" in performance and not (_is_number(performance["max_cv"])
+                                        and performance["max_cv"] > 0):
+        raise _fail(source, f"{prefix}performance",
+                    f"max_cv must be a positive number, got {performance['max_cv']!r}")
+    grid = performance.get("grid", [])
+    if not isinstance(grid, list):
+        raise _fail(source, f"{prefix}performance", f"grid must be an array of tables, "
+                    f"got {_type_name(grid)}")
+    for i, case in enumerate(grid):
+        where = f"{prefix}performance.grid[{i}]"
+        _check_keys(case, _GRID_KEYS, source, where)
+        for key in _GRID_KEYS:
+            if key not in case:
+                raise _fail(source, where, f"missing key '{key}'")
+        if case["mode"] not in EXECUTION_MODES:
+            raise _fail(source, where, f"mode must be one of {', '.join(EXECUTION_MODES)}, "
+                        f"got {case['mode']!r}")
+        for key in ("input_len", "output_len"):
+            value = case[key]
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise _fail(source, where, f"{key} must be a positive integer, got {value!r}")
+    tables = performance.get("gates", {})
+    _check_keys(tables, tables.keys() if isinstance(tables, Mapping) else (), source,
+                f"{prefix}performance.gates")
+    for name, gate in tables.items():
+        _validate_gate(gate, PERFORMANCE_METRICS, source, f"{prefix}performance.gates.{name}",
+                       full)
+
+
+def _validate_gate(
+    gate: Any, metrics: Mapping[str, bool], source: str, where: str, full: bool
+) -> None:
+    _check_keys(gate, _GATE_KEYS, source, where)
+    if "metric" in gate:
+        metric = gate["metric"]
+        if not isinstance(metric, str) or metric not in metrics:
+            hint = difflib.get_close_matches(str(metric), metrics, n=1)
+            suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise _fail(source, where, f"unknown metric {metric!r}{suggestion}; "
+                        f"expected one of: {', '.join(metrics)}")
+    elif full:
+        raise _fail(source, where, "missing key 'metric'")
+    if "aggregate" in gate:
+        how = gate["aggregate"]
+        if how not in AGGREGATES:
+            raise _fail(source, where, f"unknown aggregate {how!r}; expected one of: "
+                        f"{', '.join(AGGREGATES)}")
+        metric = gate.get("metric")
+        if metric is not None and (how == "rate") != metrics[metric]:
+            expected = "'rate'" if metrics[metric] else "one of " + ", ".join(
+                a for a in AGGREGATES if a != "rate")
+            raise _fail(source, where, f"aggregate {how!r} does not fit metric {metric!r}; "
+                        f"expected {expected}")
+    for bound in ("min", "max"):
+        if bound in gate and not _is_number(gate[bound]):
+            raise _fail(source, where, f"{bound} must be a number, got "
+                        f"{_type_name(gate[bound])} {gate[bound]!r}")
+    if "min" in gate and "max" in gate:
+        raise _fail(source, where, "give one bound, min or max, not both "
+                    "(write two gates for a range)")
+    if full and "min" not in gate and "max" not in gate:
+        raise _fail(source, where, "missing bound: give min or max")
+    if "over" in gate and gate["over"] not in VIEWS:
+        raise _fail(source, where, f"over must be one of {', '.join(VIEWS)}, got "
+                    f"{gate['over']!r}")
+    if "mode" in gate:
+        if metrics is not PERFORMANCE_METRICS:
+            raise _fail(source, where, "mode applies to performance gates only")
+        if gate["mode"] not in EXECUTION_MODES:
+            raise _fail(source, where, f"mode must be one of {', '.join(EXECUTION_MODES)}, "
+                        f"got {gate['mode']!r}")
+        if gate.get("metric") == "speedup":
+            raise _fail(source, where, "a speedup gate compares both modes; it takes no mode")
+    if "relative_to" in gate:
+        if metrics is PERFORMANCE_METRICS:
+            raise _fail(source, where, "relative_to applies to precision gates only")
+        if gate["relative_to"] != NOISE_FLOOR:
+            raise _fail(source, where, f"relative_to must be '{NOISE_FLOOR}', got "
+                        f"{gate['relative_to']!r}")
+        if gate.get("metric") is not None and gate["metric"] not in RELATIVE_METRICS:
+            raise _fail(source, where, f"metric {gate['metric']!r} cannot be read relative to "
+                        f"the noise floor; expected one of: {', '.join(RELATIVE_METRICS)}")
+        if "min" in gate:
+            raise _fail(source, where, "a gate relative to the noise floor bounds how many "
+                        "times the floor the candidate may reach: give max, not min")
+    if "conservative" in gate:
+        if not isinstance(gate["conservative"], bool):
+            raise _fail(source, where, f"conservative must be true or false, got "
+                        f"{gate['conservative']!r}")
+        if ".prompt_gates." in where or metrics is PERFORMANCE_METRICS:
+            raise _fail(source, where, "conservative applies to precision gates across "
+                        "prompts ([precision.gates]), whose interval resamples prompts")
+    if "enabled" in gate and not isinstance(gate["enabled"], bool):
+        raise _fail(source, where, f"enabled must be true or false, got {gate['enabled']!r}")
+    if "description" in gate and not isinstance(gate["description"], str):
+        raise _fail(source, where, "description must be a string")

@@ -1,0 +1,79 @@
+"""The acceptance tests themselves, collected under the active thresholds file.
+
+Measured values go to `user_properties` directly: they reach the JUnit XML under every
+junit_family, where the record_property fixture would warn under the default xunit2.
+
+One test per prompt (the per-prompt gates) and one per gate across prompts. They all
+share one precision run, computed once by the `parity_run` fixture.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from llm_parity.pytest_plugin.state import parity_session
+from llm_parity.pytest_plugin.suite_performance import *  # noqa: F401,F403
+from llm_parity.report.messages import (
+    gate_failure_message,
+    prompt_failure_message,
+    prompt_properties,
+)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    session = parity_session(metafunc.config)
+    if "prompt_id" in metafunc.fixturenames:
+        metafunc.parametrize("prompt_id", session.settings.prompts.ids)
+    if "depth_prompt_id" in metafunc.fixturenames:
+        metafunc.parametrize("depth_prompt_id", session.depth_prompt_ids())
+    if "gate_name" in metafunc.fixturenames:
+        metafunc.parametrize("gate_name", session.gate_names())
+
+
+@pytest.mark.precision
+def test_prompt(parity_run, prompt_id, request):
+    """Every per-prompt gate on one prompt's compared positions."""
+    _check_prompt(parity_run, "first_token", prompt_id, request)
+
+
+def _check_prompt(run, view: str, prompt_id: str, request) -> None:
+    result = next(p for p in run.precision.view(view) if p.prompt.id == prompt_id)
+    for name, value in prompt_properties(result):
+        request.node.user_properties.append((name, value))
+    if not result.passed:
+        pytest.fail(prompt_failure_message(result, run.precision), pytrace=False)
+
+
+@pytest.mark.precision
+def test_sequence(parity_run, depth_prompt_id, request):
+    """Teacher-forced: every position of the reference's continuation, one pass (prefill)."""
+    _check_prompt(parity_run, "sequence", depth_prompt_id, request)
+
+
+@pytest.mark.precision
+def test_decode(parity_run, depth_prompt_id, request):
+    """Free-running greedy decoding, compared step by step up to the first divergence."""
+    _check_prompt(parity_run, "decode", depth_prompt_id, request)
+
+
+@pytest.mark.precision
+def test_gate(parity_run, gate_name, request):
+    """One gate across every prompt."""
+    precision = parity_run.precision
+    found = [r for r in precision.gate_results if r.gate.name == gate_name]
+    if found:
+        result = found[0]
+        for key, value in result.as_dict().items():
+            request.node.user_properties.append((key, value))
+        if not result.passed:
+            pytest.fail(gate_failure_message(result, precision), pytrace=False)
+        return
+    not_judged = next((n for n in precision.not_judged if n.gate.name == gate_name), None)
+    if not_judged is not None:
+        request.node.user_properties += [("judged", False), ("reason", not_judged.reason)]
+        message = f"gate {gate_name} was not judged: {not_judged.reason}"
+        if not_judged.strict:
+            pytest.fail(message + " (strict = true in [precision])", pytrace=False)
+        pytest.skip(message)
+    pytest.skip(f"gate {gate_name} is not among the gates for platform "
+                f"{parity_run.candidate.get('device')} and model {parity_run.reference_model.name}")

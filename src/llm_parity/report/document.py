@@ -1,0 +1,819 @@
+"""The acceptance report a team attaches to a port: Markdown, or HTML by extension.
+
+Everything is computed from the verdict (``report.verdict_dict``), so the document says
+exactly what the JSON says. The report is built once as a list of blocks (headings,
+paragraphs, tables, figures) and then written out as Markdown or as one self-contained
+HTML page; figures (inline SVG) appear in the HTML only.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from html import escape
+from typing import TYPE_CHECKING, Any
+
+from llm_parity.compare.gates import GridCase, higher_is_better
+from llm_parity.compare.performance import speedup_pairs
+from llm_parity.report import plots
+from llm_parity.report.text import fmt
+from llm_parity.report.verdict import TAIL_WARNING, kl_by_step
+
+if TYPE_CHECKING:
+    pass
+
+_VIEW_NAMES = {"first_token": "first token", "sequence": "teacher-forced",
+               "decode": "free-running"}
+_ENV_NAMES = {"python": "Python", "platform": "OS", "llm_parity": "llm-parity",
+              "torch": "torch", "transformers": "transformers", "vllm": "vLLM",
+              "vllm_ascend": "vLLM-Ascend", "torch_npu": "torch_npu", "cann": "CANN",
+              "device": "candidate device", "device_name": "device name",
+              "model_source": "model source", "model_path": "model path",
+              "checkpoint_sha256": "checkpoint sha256"}
+
+
+# ---------------------------------------------------------------- blocks
+
+
+@dataclass
+class Heading:
+    level: int
+    text: str
+
+
+@dataclass
+class Para:
+    text: str  # may hold **bold** and `code`
+
+
+@dataclass
+class Bullets:
+    items: list[str]
+
+
+@dataclass
+class Status:
+    """A table cell that is a judgement: coloured in HTML."""
+
+    text: str
+    good: bool | None  # None: neutral (e.g. a near-tie)
+
+
+@dataclass
+class Plain:
+    """A table cell of free text (a prompt): no markup read in it; ``full`` is the whole
+    text when the cell shows a shortened one."""
+
+    text: str
+    full: str = ""
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[Any]]
+    numeric: set[int] = field(default_factory=set)  # right-aligned columns
+    wide: bool = False  # HTML: let it scroll sideways
+
+
+@dataclass
+class Figure:
+    svg: str
+    caption: str
+
+
+@dataclass
+class Banner:
+    verdict: str
+    headline: str
+    details: list[str]
+
+
+@dataclass
+class Code:
+    text: str
+
+
+Block = Heading | Para | Bullets | Table | Figure | Banner | Code
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def render_verdict(data: dict[str, Any], suffix: str = ".md", *,
+                   generated: str | None = None) -> str:
+    """The report from a verdict as --parity-json writes it; ``generated`` is a date line."""
+    blocks = build_blocks(data, generated)
+    if suffix.lower() in (".html", ".htm"):
+        return to_html(blocks, _title(data))
+    return to_markdown(blocks)
+
+
+# ---------------------------------------------------------------- content
+
+
+def _title(data: dict[str, Any]) -> str:
+    return f"llm-parity acceptance report: {data.get('model', '?')}"
+
+
+def _engine(engine: dict[str, Any] | None) -> str:
+    if not engine:
+        return "?"
+    text = f"{engine.get('backend')} on {engine.get('device')} in {engine.get('dtype')}"
+    if engine.get("vllm"):
+        text += f" (vLLM {engine['vllm']})"
+    return text
+
+
+def _bound(gate: dict[str, Any]) -> str:
+    return f"{'≥' if gate['bound'] == 'min' else '≤'} {fmt(gate['threshold'])}"
+
+
+def _value(value: Any) -> str:
+    return "n/a" if value is None else fmt(value)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.4g}%"
+
+
+def _tok(text: Any) -> str:
+    """A token as the tokenizer shows it, safe inside a `code` span."""
+    return "`" + str(text).replace("`", "ˋ") + "`"
+
+
+def _gate_label(gate: dict[str, Any]) -> str:
+    return f"{gate['aggregate']} {gate['metric']} {_bound(gate)}"
+
+
+def build_blocks(data: dict[str, Any], generated: str | None = None) -> list[Block]:
+    blocks: list[Block] = [Heading(1, _title(data))]
+    if generated:
+        version = (data.get("environment") or {}).get("llm_parity")
+        blocks.append(Para(f"Generated {generated}"
+                           + (f" by llm-parity {version}" if version else "") + "."))
+    if data.get("verdict") == "error":
+        blocks.append(Banner("error", "ERROR: the precision run did not finish, so nothing "
+                             "was judged.", []))
+        blocks.append(Code(str(data.get("error", ""))))
+        blocks += _environment(data)
+        return blocks
+    blocks.append(_banner(data))
+    blocks += _gates(data)
+    blocks += _model(data)
+    blocks += _environment(data)
+    blocks += _prompts(data)
+    blocks += _depth(data)
+    blocks += _noise_floor(data)
+    blocks += _error_analysis(data)
+    blocks += _performance(data.get("performance"))
+    blocks += _protocol(data)
+    return blocks
+
+
+def _banner(data: dict[str, Any]) -> Banner:
+    gates = data["gates"]
+    prompts = data["prompts"]
+    failed_gates = [g for g in gates if not g["passed"]]
+    failed_prompts = [p for p in prompts if not p.get("passed", True)]
+    depth = [*data.get("sequences", []), *data.get("decodes", [])]
+    failed_depth = {p["id"] for p in depth if not p.get("passed", True)}
+    agg = data["aggregate"]
+    perf = data.get("performance") or {}
+    perf_gates = perf.get("gates", [])
+    failed_perf = [g for g in perf_gates if not g.get("passed")]
+    verdict = data["verdict"]
+    subject = (f"the candidate ({_engine(data.get('candidate'))}) against the reference "
+               f"({_engine(data.get('reference'))}) on {len(prompts)} prompts")
+    if verdict == "pass" and not failed_perf:
+        headline = f"PASS: {subject}, every gate met."
+    elif verdict == "pass":
+        headline = f"PASS on precision, FAIL on speed: {subject}."
+    else:
+        headline = f"FAIL: {subject}."
+    details = [
+        f"Top-1 agreement {_pct(agg.get('top1_match_rate'))}, mean cosine "
+        f"{_value(agg.get('cosine_mean'))}, mean KL {_value(agg.get('kl_mean'))}, mean "
+        f"Spearman {_value(agg.get('spearman_mean'))} (first generated token).",
+        f"{len(gates) - len(failed_gates)} of {len(gates)} run gates pass; "
+        f"{len(prompts) - len(failed_prompts)} of {len(prompts)} prompts pass every "
+        "per-prompt gate"
+        + (f"; {len(failed_depth)} prompts fail a continuation gate" if failed_depth else "")
+        + ".",
+    ]
+    for g in failed_gates:
+        details.append(f"Failed: **{g['name']}**, {_gate_label(g)}, measured "
+                       f"{_value(g['value'])}.")
+    if failed_prompts:
+        details.append("Failing prompts: " + ", ".join(p["id"] for p in failed_prompts) + ".")
+    if perf_gates:
+        details.append(f"{len(perf_gates) - len(failed_perf)} of {len(perf_gates)} performance "
+                       "gates pass" + ("." if not failed_perf else ": failed "
+                                       + ", ".join(g["name"] for g in failed_perf) + "."))
+    return Banner(verdict if not failed_perf else "fail", headline, details)
+
+
+def _gates(data: dict[str, Any]) -> list[Block]:
+    blocks: list[Block] = [Heading(2, "Gates")]
+    rows = [[g["name"], _VIEW_NAMES.get(g.get("over", "first_token"), g.get("over")),
+             g["metric"] + (" / floor" if g.get("relative_to") else ""), g["aggregate"],
+             _bound(g) + ("x" if g.get("relative_to") else ""), _value(g["value"]),
+             _interval(g), Status("pass" if g["passed"] else "FAIL", g["passed"])]
+            for g in data["gates"]]
+    blocks.append(Table(["gate", "over", "metric", "aggregate", "threshold", "measured",
+                         "95% interval over prompts", "result"], rows, numeric={4, 5}))
+    if any(g.get("relative_to") for g in data["gates"]):
+        blocks.append(Para("A gate read against the noise floor divides the candidate's value "
+                           "by what Transformers in the candidate's dtype gives against the "
+                           "same reference: 1 means as close as bf16 rounding allows."))
+    if any(g.get("conservative") for g in data["gates"]):
+        blocks.append(Para("A conservative gate is judged at the failing end of its interval, "
+                           "so a pass does not rest on a lucky draw of prompts."))
+    prompt_rows = _prompt_gate_rows(data)
+    if prompt_rows:
+        blocks.append(Para("Per-prompt gates hold on every prompt on its own, so one bad "
+                           "prompt cannot hide in a mean:"))
+        blocks.append(Table(["gate", "over", "metric", "aggregate", "threshold",
+                             "prompts passing", "worst", "worst prompt"], prompt_rows,
+                            numeric={4, 5, 6}))
+    return blocks
+
+
+def _interval(gate: dict[str, Any]) -> str:
+    interval = gate.get("interval")
+    if not interval or interval[0] is None or interval[1] is None:
+        return ""
+    return f"{fmt(interval[0])} to {fmt(interval[1])}" + (" (judged)" if gate.get(
+        "conservative") else "")
+
+
+def _noise_floor(data: dict[str, Any]) -> list[Block]:
+    floor = data.get("noise_floor")
+    if not floor:
+        return []
+    blocks: list[Block] = [Heading(2, "Noise floor")]
+    blocks.append(Para(
+        f"Transformers in {floor['dtype']} on {floor['device']} against the same float32 "
+        "reference, same prompts and positions: what rounding alone costs. The candidate's "
+        "KL is shown as a multiple of it."))
+    rows = []
+    for view, entry in floor["views"].items():
+        rows.append([_VIEW_NAMES.get(view, view), entry.get("positions"),
+                     _value(entry.get("kl_mean")), _value(entry.get("candidate_kl_mean")),
+                     _value(entry.get("kl_ratio")), entry.get("flips")])
+    blocks.append(Table(["view", "positions", "floor KL mean", "candidate KL mean",
+                         "candidate / floor", "rounding flips"], rows, numeric={1, 2, 3, 4, 5}))
+    blocks.append(Para(f"Rounding alone flipped top-1 tokens with reference margins up to "
+                       f"{fmt(floor.get('max_flip_margin'))}; flips below the near-tie margin "
+                       f"({fmt((data.get('protocol') or {}).get('near_tie_margin'))}) are "
+                       "reported as near-ties, not defects."))
+    return blocks
+
+
+def _prompt_gate_rows(data: dict[str, Any]) -> list[list[Any]]:
+    by_gate: dict[tuple[str, str], list[tuple[str, dict[str, Any]]]] = {}
+    for view, entries in (("first_token", data["prompts"]),
+                          ("sequence", data.get("sequences", [])),
+                          ("decode", data.get("decodes", []))):
+        for entry in entries:
+            for gate in entry.get("gates", []):
+                over = gate.get("over", view)
+                by_gate.setdefault((gate["name"], over), []).append((entry["id"], gate))
+    rows = []
+    for (name, over), results in by_gate.items():
+        gate = results[0][1]
+        measured = [(g["value"], pid) for pid, g in results if g["value"] is not None]
+        if measured and len({value for value, _ in measured}) == 1:
+            worst_value, worst_id = measured[0][0], "(all equal)"
+        elif measured:
+            pick = min if gate["bound"] == "min" else max
+            worst_value, worst_id = pick(measured, key=lambda item: item[0])
+        else:
+            worst_value, worst_id = None, "-"
+        passing = sum(1 for _, g in results if g["passed"])
+        rows.append([name, _VIEW_NAMES.get(over, over), gate["metric"], gate["aggregate"],
+                     _bound(gate), Status(f"{passing}/{len(results)}", passing == len(results)),
+                     _value(worst_value), worst_id])
+    return rows
+
+
+def _model(data: dict[str, Any]) -> list[Block]:
+    card = data.get("model_card") or {}
+    if not card:
+        return []
+    files = card.get("weight_files") or []
+    size = card.get("weight_bytes")
+    rows = [
+        ["checkpoint", data.get("model")],
+        ["candidate checkpoint", data.get("candidate_model", data.get("model"))],
+        ["architecture", card.get("architecture")],
+        ["parameters", f"{card['parameters']:,}" if card.get("parameters") else "unknown"],
+        ["layers / hidden size", f"{card.get('layers')} / {card.get('hidden_size')}"],
+        ["attention heads / KV heads", f"{card.get('attention_heads')} / {card.get('kv_heads')}"],
+        ["vocabulary", f"{card['vocab_size']:,}" if card.get("vocab_size") else "unknown"],
+        ["max positions", card.get("max_position_embeddings")],
+        ["RoPE theta", card.get("rope_theta")],
+        ["tied embeddings", card.get("tie_word_embeddings")],
+        ["weight dtype", card.get("weight_dtype")],
+        ["weight files", f"{len(files)} ({', '.join(files)})" if files else "none found"],
+        ["weight size", f"{size / 1e6:,.1f} MB ({size:,} bytes)" if size else "unknown"],
+        ["tensors", card.get("tensors")],
+    ]
+    sha = (data.get("environment") or {}).get("checkpoint_sha256")
+    if sha:
+        rows.append(["checkpoint sha256", f"`{sha}`"])
+    return [Heading(2, "Model"), Table(["", ""], [[k, _card_value(v)] for k, v in rows])]
+
+
+def _card_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float)):
+        return f"{value:,g}" if isinstance(value, float) else f"{value:,}"
+    return "unknown" if value is None else str(value)
+
+
+def _environment(data: dict[str, Any]) -> list[Block]:
+    env = data.get("environment") or {}
+    if not env:
+        return []
+    skip = {"model", "parameters", "checkpoint_sha256"}
+    rows = [[_ENV_NAMES.get(k, k), str(v)] for k, v in env.items()
+            if v is not None and k not in skip]
+    absent = [_ENV_NAMES.get(k, k) for k, v in env.items() if v is None]
+    blocks: list[Block] = [Heading(2, "Hardware and software"),
+                           Para(f"Candidate: {_engine(data.get('candidate'))}. Reference: "
+                                f"{_engine(data.get('reference'))}."),
+                           Table(["component", "version or name"], rows)]
+    if absent:
+        blocks.append(Para("Not present on this machine: " + ", ".join(absent) + "."))
+    return blocks
+
+
+def _match_cell(prompt: dict[str, Any]) -> Status:
+    if prompt["top1_match"]:
+        return Status("yes", True)
+    if prompt.get("near_tie"):
+        return Status("near-tie", None)
+    return Status("NO", False)
+
+
+def _short(text: str, width: int = 44) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _lines_for(data: dict[str, Any], metric: str, view: str = "first_token",
+               transform=lambda v: v) -> list[plots.Line]:
+    """Gate thresholds on one metric, in the plotted quantity: per-prompt gates solid,
+    run gates (a bound on an aggregate, not on each prompt) dashed. Gates relative to the
+    noise floor bound a ratio, not the metric, and are not drawn."""
+    out: list[plots.Line] = []
+    seen = set()
+    entries = {"first_token": data["prompts"], "sequence": data.get("sequences", [])}[view]
+    for entry in entries:
+        for g in entry.get("gates", []):
+            if (g["metric"] == metric and g.get("over", view) == view and g["name"] not in seen
+                    and not g.get("relative_to")):
+                seen.add(g["name"])
+                whose = "each prompt" if view == "first_token" else f"each prompt's {g['aggregate']}"
+                out.append(plots.Line(transform(g["threshold"]), f"{whose} {_bound(g)}"))
+    for g in data["gates"]:
+        if (g["metric"] == metric and g.get("over", "first_token") == view
+                and not g.get("relative_to")):
+            out.append(plots.Line(transform(g["threshold"]),
+                                  f"{g['aggregate']} {_bound(g)}", dashed=True))
+    return out
+
+
+def _prompts(data: dict[str, Any]) -> list[Block]:
+    prompts = data["prompts"]
+    has_full = any(p.get("kl_full") is not None for p in prompts)
+    header = ["prompt", "text", "tokens", "reference top-1", "candidate top-1", "match",
+              "margin", "cosine", "KL"] + (["KL full vocab"] if has_full else []) + ["result"]
+    rows = []
+    for p in prompts:
+        row = [p["id"], Plain(_short(p["prompt"], 34), p["prompt"]), p.get("token_count", ""), _tok(p["reference_top1"]),
+               _tok(p["candidate_top1"]), _match_cell(p), _value(p.get("top1_margin")),
+               _value(p["cosine"]), _value(p["kl"])]
+        if has_full:
+            row.append(_value(p.get("kl_full")))
+        row.append(Status("pass" if p.get("passed", True) else "FAIL", p.get("passed", True)))
+        rows.append(row)
+    numeric = {2, 6, 7, 8} | ({9} if has_full else set())
+    blocks: list[Block] = [
+        Heading(2, "Prompts"),
+        Para("First generated token of each prompt. Margin: the reference's log-prob gap "
+             "between its first and second choice; a flip below the near-tie margin "
+             f"({fmt((data.get('protocol') or {}).get('near_tie_margin'))}) is one bf16 "
+             "rounding can cause. KL is over the candidate's top-k bins plus one tail bin, a "
+             "lower bound on the full-vocabulary KL."),
+    ]
+    labels = [p["id"] for p in prompts]
+    failed = [not p.get("passed", True) for p in prompts]
+    kl_svg = plots.prompt_bars(
+        labels, [p["kl"] for p in prompts], title="KL(reference ‖ candidate) per prompt",
+        lines=_lines_for(data, "kl"), failed=failed,
+        axis_note="log scale; red bars: prompts that fail a gate")
+    one_minus = lambda v: None if v is None else max(1.0 - v, 0.0)  # noqa: E731
+    cos_svg = plots.prompt_bars(
+        labels, [one_minus(p["cosine"]) for p in prompts], title="Cosine similarity per prompt",
+        lines=_lines_for(data, "cosine", transform=one_minus), failed=failed,
+        tick_label=plots.cosine_decade_label,
+        value_label=_cosine_label,
+        axis_note="bar length: distance from 1 (log scale), labelled as the cosine")
+    blocks.append(Figure(kl_svg + cos_svg, "Per-prompt KL and cosine against the gate "
+                         "thresholds (solid: every prompt; dashed: the run's aggregate)."))
+    blocks.append(Table(header, rows, numeric=numeric, wide=True))
+    return blocks
+
+
+def _cosine_label(distance: float | None) -> str:
+    """A cosine given as its distance from 1, with enough digits to show that distance."""
+    if distance is None:
+        return "n/a"
+    if distance <= 0:
+        return "1"
+    digits = min(12, math.ceil(-math.log10(distance)) + 1)
+    return f"{1 - distance:.{digits}f}"
+
+
+def _depth(data: dict[str, Any]) -> list[Block]:
+    sequences = data.get("sequences") or []
+    decodes = data.get("decodes") or []
+    if not sequences and not decodes:
+        return []
+    protocol = data.get("protocol") or {}
+    blocks: list[Block] = [Heading(2, "Beyond the first token")]
+    if sequences:
+        total = sum(len(e["kl"]) for e in sequences)
+        blocks.append(Para(
+            f"Teacher-forced: the reference continued each of {len(sequences)} prompts for "
+            f"{protocol.get('continuation', '?')} tokens and the candidate scored that same text "
+            f"in one pass, {total} positions in all (the prefill path)."))
+        marks = []
+        for e in sequences:
+            for j, (match, tie) in enumerate(zip(e["top1_match"], e["near_tie"])):
+                if not match and e["kl"][j] is not None:
+                    marks.append((j, e["kl"][j], "near-tie" if tie else "defect"))
+        svg = plots.position_lines(
+            [e["kl"] for e in sequences], title="KL by continuation step (teacher-forced)",
+            lines=_lines_for(data, "kl", view="sequence"), marks=marks,
+            axis_note=f"log scale; {len(sequences)} prompts")
+        blocks.append(Figure(svg, "KL at each continuation step: a defect that builds up "
+                             "with context (a cache or position bug) shows as a rising line."))
+        by_step = kl_by_step(sequences)
+        quarter = max(1, len(by_step) // 4)
+        rows = []
+        for start in range(0, len(by_step), quarter):
+            chunk = by_step[start:start + quarter]
+            rows.append([f"{chunk[0][0]}-{chunk[-1][0]}", fmt(sum(c[1] for c in chunk) / len(chunk)),
+                         fmt(max(c[2] for c in chunk))])
+        blocks.append(Table(["steps", "mean KL", "max KL"], rows, numeric={1, 2}))
+    if decodes:
+        diverged = [e for e in decodes if e.get("divergence")]
+        agreed = sum(e["divergence"]["step"] if e.get("divergence") else e["positions"]
+                     for e in decodes)
+        generated = sum(e.get("steps_generated", e["positions"]) for e in decodes)
+        blocks.append(Para(
+            f"Free-running: each engine decoded greedily on its own. {agreed} of {generated} "
+            f"steps agreed before the first divergence; {len(diverged)} of {len(decodes)} "
+            "prompts diverged."))
+        if diverged:
+            rows = []
+            for e in diverged:
+                d = e["divergence"]
+                rows.append([e["id"], d["step"], _tok(d["reference_token"]),
+                             _tok(d["candidate_token"]), _value(d.get("reference_margin")),
+                             Status("near-tie", None) if d["near_tie"] else Status("defect", False),
+                             _tok("…" + " ".join(d.get("context", "").split())[-40:])])
+            blocks.append(Table(["prompt", "step", "reference", "candidate", "margin", "kind",
+                                 "text before it"], rows, numeric={1, 4}, wide=True))
+    return blocks
+
+
+def _error_analysis(data: dict[str, Any]) -> list[Block]:
+    prompts = data["prompts"]
+    protocol = data.get("protocol") or {}
+    margin = protocol.get("near_tie_margin")
+    items: list[str] = []
+    flips = [p for p in prompts if not p["top1_match"]]
+    near = [p for p in flips if p.get("near_tie")]
+    if flips:
+        items.append(f"First token: {len(flips)} of {len(prompts)} prompts flipped top-1; "
+                     f"{len(near)} were near-ties (reference margin below {fmt(margin)}), "
+                     f"{len(flips) - len(near)} were defects.")
+        for p in sorted(flips, key=lambda p: -(p.get("top1_margin") or 0))[:8]:
+            kind = "near-tie" if p.get("near_tie") else "defect"
+            items.append(f"{p['id']}: reference {_tok(p['reference_top1'])}, candidate "
+                         f"{_tok(p['candidate_top1'])}, margin {_value(p.get('top1_margin'))} "
+                         f"({kind}).")
+    else:
+        close = [p for p in prompts if p.get("top1_margin") is not None
+                 and margin is not None and p["top1_margin"] < margin]
+        text = f"First token: no top-1 flip on any of the {len(prompts)} prompts."
+        if close:
+            tightest = min(close, key=lambda p: p["top1_margin"])
+            text += (f" {len(close)} had a reference margin inside the near-tie margin and still "
+                     f"matched (tightest: {tightest['id']}, {fmt(tightest['top1_margin'])}).")
+        items.append(text)
+    for metric, name in (("kl", "KL"), ("cosine", "cosine")):
+        scored = [p for p in prompts if p.get(metric) is not None]
+        if not scored:
+            continue
+        higher = higher_is_better(metric)
+        worst = sorted(scored, key=lambda p: p[metric], reverse=not higher)[:3]
+        limit = next((g for p in prompts for g in p.get("gates", [])
+                      if g["metric"] == metric), None)
+        text = f"Worst {name}: " + ", ".join(f"{p['id']} {fmt(p[metric])}" for p in worst)
+        if limit is not None and metric == "kl" and worst[0][metric] > 0:
+            text += (f"; the worst is {_times(limit['threshold'] / worst[0][metric])} below "
+                     f"the per-prompt gate ({_bound(limit)})")
+        elif limit is not None and metric == "cosine" and worst[0][metric] < 1:
+            ratio = (1 - limit["threshold"]) / (1 - worst[0][metric])
+            text += (f"; the worst is {_times(ratio)} closer to 1 than the per-prompt gate "
+                     f"({_bound(limit)}) asks")
+        items.append(text + ".")
+    full = [(p["kl"], p["kl_full"]) for p in prompts if p.get("kl_full") is not None
+            and p.get("kl") is not None]
+    tails = [(p.get("p_tail"), p["id"]) for p in prompts if p.get("p_tail") is not None]
+    if full:
+        kl_bins = sum(a for a, _ in full) / len(full)
+        kl_full = sum(b for _, b in full) / len(full)
+        items.append(f"Top-k bound: mean KL over the top-{protocol.get('logprobs', 'k')} bins "
+                     f"{fmt(kl_bins)} against {fmt(kl_full)} over the full vocabulary "
+                     + (f"({100 * kl_bins / kl_full:.0f}% of it)." if kl_full else "."))
+    if tails:
+        tail, where = max(tails)
+        text = (f"Reference mass outside the candidate's top-{protocol.get('logprobs', 'k')}: "
+                f"at most {fmt(tail)} ({where})")
+        if tail > TAIL_WARNING:
+            text += (f"; above {fmt(TAIL_WARNING)} the bin KL is a loose lower bound of the "
+                     "full-vocabulary KL (raise --logprobs to tighten it)")
+        items.append(text + ".")
+    sequences = data.get("sequences") or []
+    if sequences:
+        positions = [(e["kl"][j], e["id"], j) for e in sequences for j in range(len(e["kl"]))
+                     if e["kl"][j] is not None]
+        flips_seq = [(e["id"], j, e["near_tie"][j]) for e in sequences
+                     for j in range(len(e["top1_match"])) if not e["top1_match"][j]]
+        near_seq = sum(1 for *_, tie in flips_seq if tie)
+        items.append(f"Teacher-forced: {len(flips_seq)} top-1 flips in {len(positions)} "
+                     f"positions ({near_seq} near-ties, {len(flips_seq) - near_seq} defects).")
+        worst = sorted(positions, reverse=True)[:5]
+        items.append("Worst positions by KL: " + ", ".join(
+            f"{pid} step {j} ({fmt(v)})" for v, pid, j in worst) + ".")
+        by_step = kl_by_step(sequences)
+        if len(by_step) >= 8:
+            quarter = len(by_step) // 4
+            first = sum(s[1] for s in by_step[:quarter]) / quarter
+            last = sum(s[1] for s in by_step[-quarter:]) / quarter
+            ratio = last / first if first else float("inf")
+            trend = ("grows with context - look at the KV cache and position handling"
+                     if ratio > 2 else "does not grow with context")
+            items.append(f"Mean KL over the last quarter of the steps is {_times(ratio)} the first "
+                         f"quarter's: the error {trend}.")
+    decodes = data.get("decodes") or []
+    defects = [e for e in decodes if e.get("divergence") and not e["divergence"]["near_tie"]]
+    if decodes:
+        diverged = [e for e in decodes if e.get("divergence")]
+        text = f"Free-running: {len(diverged)} of {len(decodes)} prompts diverged"
+        if diverged:
+            text += (f", {len(diverged) - len(defects)} at near-ties and {len(defects)} where "
+                     "the reference was sure (defects)")
+            earliest = min(diverged, key=lambda e: e["divergence"]["step"])
+            text += f"; earliest at step {earliest['divergence']['step']} ({earliest['id']})"
+        items.append(text + ".")
+    return [Heading(2, "Error analysis"), Bullets(items)]
+
+
+def _speedups(cases: Sequence[dict[str, Any]]) -> list[tuple[dict, dict, float]]:
+    """(eager, compiled, eager TPOT / compiled TPOT), paired as the speedup gate pairs them."""
+    by_id = {GridCase(c["mode"], c["input_len"], c["output_len"]).id: c
+             for c in cases if c.get("tpot_ms")}
+    grid = [GridCase(c["mode"], c["input_len"], c["output_len"]) for c in by_id.values()]
+    return [(by_id[e.id], by_id[c.id], by_id[e.id]["tpot_ms"] / by_id[c.id]["tpot_ms"])
+            for e, c in speedup_pairs(grid)]
+
+
+def _performance(perf: dict[str, Any] | None) -> list[Block]:
+    """Performance tables and TPOT chart, from {"cases": [...], "gates": [...]}."""
+    if not perf or not perf.get("cases"):
+        return []
+    order = {"eager": 0, "compiled": 1, "reference": 3}  # the baseline last
+    cases = sorted(perf["cases"], key=lambda c: (order.get(c.get("mode"), 2), str(c.get("mode")),
+                                                 c["input_len"], c["output_len"]))
+    blocks: list[Block] = [Heading(2, "Performance")]
+    rows = []
+    for c in cases:
+        cv = c.get("tpot_ms_cv")
+        rows.append([c.get("mode"), c["input_len"], c["output_len"], _ms(c.get("ttft_ms")),
+                     _ms(c.get("tpot_ms")), "n/a" if cv is None else f"{100 * cv:.1f}%",
+                     _ms(c.get("latency_ms")), _value(c.get("throughput_tok_s")),
+                     c.get("rounds", "")])
+    blocks.append(Para("Each figure is the median over the measured rounds; CV is the "
+                       "coefficient of variation of TPOT across them."))
+    blocks.append(Table(["mode", "input tokens", "output tokens", "TTFT ms", "TPOT ms",
+                         "TPOT CV", "latency ms", "output tok/s", "rounds"], rows,
+                        numeric={1, 2, 3, 4, 5, 6, 7, 8}))
+    speedups = _speedups(cases)
+    if speedups:
+        blocks.append(Para("Compiled (graph) mode against eager, by TPOT:"))
+        blocks.append(Table(["input tokens", "eager TPOT ms", "compiled TPOT ms", "speedup"], [
+            [c["input_len"], f"{_ms(e['tpot_ms'])} (out {e['output_len']})",
+             f"{_ms(c['tpot_ms'])} (out {c['output_len']})", f"{s:.2f}x"]
+            for e, c, s in speedups], numeric={0, 1, 2, 3}))
+    modes = list(dict.fromkeys(c["mode"] for c in cases))
+    groups = sorted({c["input_len"] for c in cases})
+    values = {}
+    for c in cases:
+        if c.get("tpot_ms") is None:
+            continue
+        values[(f"in {c['input_len']}", f"{c['mode']}")] = (
+            c["tpot_ms"], c.get("tpot_ms_min"), c.get("tpot_ms_max"),
+            f"{c['tpot_ms']:.3g}")
+    if values:
+        svg = plots.grouped_bars([f"in {g}" for g in groups], modes, values,
+                                 title="TPOT by input length and mode", y_label="TPOT (ms)",
+                                 axis_note="median over rounds; whiskers: fastest to slowest "
+                                           "round")
+        blocks.append(Figure(svg, "Time per output token for each grid case (lower is "
+                                  "better)."))
+    gates = perf.get("gates") or []
+    if gates:
+        blocks.append(Para("Performance gates:"))
+        blocks.append(Table(["gate", "metric", "aggregate", "threshold", "measured", "result"], [
+            [g["name"], g["metric"] + (f" ({g['mode']})" if g.get("mode") else ""),
+             g["aggregate"], _bound(g), _value(g.get("value")),
+             Status("pass" if g.get("passed") else "FAIL", bool(g.get("passed")))]
+            for g in gates], numeric={3, 4}))
+    return blocks
+
+
+def _times(ratio: float) -> str:
+    return f"{ratio:.0f}x" if ratio >= 10 else f"{ratio:.2g}x"
+
+
+def _ms(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.3g}" if value < 100 else f"{value:,.0f}"
+
+
+def _protocol(data: dict[str, Any]) -> list[Block]:
+    protocol = data.get("protocol") or {}
+    if not protocol:
+        return []
+    rows = [
+        ["prompt set", f"{protocol.get('prompts')} ({protocol.get('prompt_count')} prompts)"],
+        ["long-context prompt set", protocol.get("long_prompts") or "none"],
+        ["compared", f"first generated token; continuation of {protocol.get('continuation')} "
+                     "tokens" if protocol.get("continuation") else "first generated token"],
+        ["candidate top-k log-probs", protocol.get("logprobs")],
+        ["near-tie margin", protocol.get("near_tie_margin")],
+        ["thresholds", protocol.get("thresholds")],
+    ]
+    args = (data.get("candidate") or {}).get("engine_args")
+    if args:
+        rows.append(["candidate engine arguments", ", ".join(f"{k}={v}" for k, v in args.items())])
+    blocks: list[Block] = [Heading(2, "Protocol"),
+                           Table(["", ""], [[k, v if isinstance(v, str) else _value(v)]
+                                            for k, v in rows])]
+    timings = data.get("timings") or {}
+    if timings:
+        blocks.append(Para("Time spent: " + ", ".join(
+            f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f} s" for k, v in timings.items())
+            + f"; {sum(timings.values()):.1f} s in all."))
+    return blocks
+
+
+# ---------------------------------------------------------------- writers
+
+
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>])")
+
+
+def _cell_text(cell: Any) -> str:
+    if isinstance(cell, Status):
+        return cell.text
+    if isinstance(cell, Plain):
+        return _MD_SPECIAL.sub(r"\\\1", cell.text)
+    return fmt(cell) if not isinstance(cell, str) else cell
+
+
+def to_markdown(blocks: Iterable[Block]) -> str:
+    out: list[str] = []
+    for block in blocks:
+        if isinstance(block, Heading):
+            out += ["#" * block.level + " " + block.text, ""]
+        elif isinstance(block, Banner):
+            out += [f"**{block.headline}**", ""]
+            out += [f"- {line}" for line in block.details]
+            out.append("")
+        elif isinstance(block, Para):
+            out += [block.text, ""]
+        elif isinstance(block, Bullets):
+            out += [f"- {item}" for item in block.items] + [""]
+        elif isinstance(block, Code):
+            out += ["```", block.text, "```", ""]
+        elif isinstance(block, Table):
+            align = ["---:" if i in block.numeric else "---" for i in range(len(block.header))]
+            out.append("| " + " | ".join(block.header) + " |")
+            out.append("|" + "|".join(align) + "|")
+            for row in block.rows:
+                cells = [_cell_text(c).replace("|", "\\|").replace("\n", " ") for c in row]
+                out.append("| " + " | ".join(cells) + " |")
+            out.append("")
+        # Figures are for the HTML version; the tables next to them carry the same numbers.
+    return "\n".join(out).rstrip() + "\n"
+
+
+_INLINE = re.compile(r"\*\*(.+?)\*\*|`([^`]+)`")
+
+
+def _inline(text: str) -> str:
+    """**bold** and `code` to HTML, everything else escaped."""
+    out, last = [], 0
+    for match in _INLINE.finditer(text):
+        out.append(escape(text[last:match.start()]))
+        if match.group(1) is not None:
+            out.append(f"<strong>{escape(match.group(1))}</strong>")
+        else:
+            out.append(f"<code>{escape(match.group(2))}</code>")
+        last = match.end()
+    out.append(escape(text[last:]))
+    return "".join(out)
+
+
+_STYLE = """
+:root{--ink:#1f2328;--muted:#656d76;--line:#d0d7de;--good:#1a7f37;--bad:#cf222e;--warn:#9a6700}
+body{font-family:system-ui,-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;color:var(--ink);
+max-width:1100px;margin:24px auto;padding:0 24px;line-height:1.45;font-size:15px}
+h1{font-size:1.6em;margin:.2em 0 .6em}h2{font-size:1.25em;margin:1.8em 0 .5em;
+padding-bottom:.25em;border-bottom:1px solid var(--line)}
+table{border-collapse:collapse;margin:.6em 0 1em;font-size:13px}
+td,th{border:1px solid var(--line);padding:3px 8px;text-align:left;vertical-align:top}
+th{background:#f6f8fa;font-weight:600}td.num,th.num{text-align:right;
+font-variant-numeric:tabular-nums}table.kv td:first-child{color:var(--muted);white-space:nowrap}
+.scroll{overflow-x:auto}code{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;
+font-size:12px;background:#f6f8fa;padding:0 3px;border-radius:3px}
+.good{color:var(--good);font-weight:600}.bad{color:#fff;background:var(--bad);font-weight:600}
+.neutral{color:var(--warn);font-weight:600}td.plain{white-space:nowrap}
+.banner{border-radius:6px;padding:12px 16px;margin:0 0 1em;border:1px solid}
+.banner.pass{background:#dafbe1;border-color:#4ac26b}.banner.fail,.banner.error{background:#ffebe9;
+border-color:#ff8182}.banner p{font-size:1.2em;font-weight:700;margin:0 0 .3em}
+.banner ul{margin:0;padding-left:1.2em}figure{margin:.8em 0 1.2em}
+figure .plots{display:flex;flex-wrap:wrap;gap:24px}figcaption{color:var(--muted);font-size:13px}
+pre{background:#f6f8fa;padding:10px;overflow-x:auto;white-space:pre-wrap}
+"""
+
+
+def to_html(blocks: Iterable[Block], title: str) -> str:
+    body: list[str] = []
+    for block in blocks:
+        if isinstance(block, Heading):
+            body.append(f"<h{block.level}>{escape(block.text)}</h{block.level}>")
+        elif isinstance(block, Banner):
+            items = "".join(f"<li>{_inline(line)}</li>" for line in block.details)
+            body.append(f'<div class="banner {escape(block.verdict)}"><p>'
+                        f"{_inline(block.headline)}</p><ul>{items}</ul></div>")
+        elif isinstance(block, Para):
+            body.append(f"<p>{_inline(block.text)}</p>")
+        elif isinstance(block, Bullets):
+            body.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in block.items) + "</ul>")
+        elif isinstance(block, Code):
+            body.append(f"<pre>{escape(block.text)}</pre>")
+        elif isinstance(block, Table):
+            body.append(_html_table(block))
+        elif isinstance(block, Figure):
+            body.append(f'<figure><div class="plots">{block.svg}</div>'
+                        f"<figcaption>{_inline(block.caption)}</figcaption></figure>")
+    return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta name=\"viewport\" content=\"width=device-width\"><title>{escape(title)}</title>"
+            f"<style>{_STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def _html_table(table: Table) -> str:
+    kv = all(not h for h in table.header)
+    parts = [f'<table class="{"kv" if kv else ""}">']
+    if not kv:
+        parts.append("<tr>" + "".join(
+            f'<th{" class=num" if i in table.numeric else ""}>{escape(h)}</th>'
+            for i, h in enumerate(table.header)) + "</tr>")
+    for row in table.rows:
+        cells = []
+        for i, cell in enumerate(row):
+            classes = ["num"] if i in table.numeric else []
+            if isinstance(cell, Status):
+                classes.append({True: "good", False: "bad", None: "neutral"}[cell.good])
+            attr = f' class="{" ".join(classes)}"' if classes else ""
+            if isinstance(cell, Plain):
+                attr = ' class="plain"'
+                title = f' title="{escape(cell.full)}"' if cell.full != cell.text else ""
+                cells.append(f"<td{attr}{title}>{escape(cell.text)}</td>")
+            else:
+                cells.append(f"<td{attr}>{_inline(_cell_text(cell))}</td>")
+        parts.append("<tr>" + "".join(cells) + "</tr>")
+    parts.append("</table>")
+    html_table = "".join(parts)
+    return f'<div class="scroll">{html_table}</div>' if table.wide else html_table

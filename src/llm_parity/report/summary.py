@@ -1,0 +1,186 @@
+"""The end-of-run terminal summary, rendered from the verdict alone, so the summary, the
+JSON and the reports can never tell different stories."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from llm_parity.compare.gates import GridCase
+from llm_parity.compare.performance import REFERENCE, performance_gate_message, speedup_pairs
+from llm_parity.report.text import fmt, text_table
+from llm_parity.report.verdict import TAIL_WARNING, kl_by_bucket
+
+_VIEWS = (("prompts", "first token"), ("sequences", "sequence"), ("decodes", "decode"))
+
+
+def precision_summary(data: Mapping[str, Any]) -> list[str]:
+    if data.get("verdict") == "error" and not data.get("prompts"):
+        return [f"verdict: ERROR   {data.get('error', '')}"]
+    candidate, reference = data["candidate"], data.get("reference") or {}
+    protocol = data.get("protocol") or {}
+    lines = [
+        f"verdict: {str(data['verdict']).upper()}   model: {data['model']}   candidate: "
+        f"{candidate['backend']} on {candidate['device']} in {candidate['dtype']}   "
+        f"reference: hf on {reference.get('device')} in {reference.get('dtype')}",
+        f"{protocol.get('prompt_count')} prompts ({protocol.get('prompts')}), first generated "
+        f"token, top-{protocol.get('logprobs')} log-probs; gates from {protocol.get('thresholds')}",
+        "",
+    ]
+    lines += _gates_table(data.get("gates") or [])
+    for entry in data.get("not_judged") or []:
+        lines.append(f"NOT JUDGED {entry['name']} ({entry['scope']}, over {entry['over']}): "
+                     f"{entry['reason']}" + ("; strict = true makes this a failure"
+                                             if entry.get("strict") else ""))
+    for reason in data.get("verdict_reasons") or []:
+        lines.append(f"verdict reason: {reason}")
+    counts = []
+    for key, name in _VIEWS:
+        entries = data.get(key) or []
+        if entries:
+            failed = [e["id"] for e in entries if not e.get("passed", True)]
+            counts.append(f"{name} {len(entries) - len(failed)}/{len(entries)}"
+                          + (f" (failing: {', '.join(failed)})" if failed else ""))
+    lines.append("prompts passing their per-prompt gates: " + "; ".join(counts))
+    prompts = data.get("prompts") or []
+    flips = [p for p in prompts if not p.get("top1_match")]
+    near = sum(1 for p in flips if p.get("near_tie"))
+    lines.append(f"top-1 flips: {len(flips)} ({near} near-ties, {len(flips) - near} defects)")
+    worst = sorted((p for p in prompts if p.get("kl") is not None), key=lambda p: -p["kl"])[:3]
+    lines.append("worst KL: " + ", ".join(f"{p['id']} {fmt(p['kl'])}" for p in worst))
+    lines += _depth_lines(data)
+    lines += _noise_floor_lines(data)
+    tail = (data.get("aggregate") or {}).get("p_tail_max")
+    if tail is not None and tail > TAIL_WARNING:
+        lines.append(f"warning: up to {fmt(tail)} of the reference mass lies outside the "
+                     f"candidate's top-{protocol.get('logprobs')}; the KL shown is a loose "
+                     "lower bound (raise --logprobs)")
+    timings = data.get("timings") or {}
+    if timings:
+        lines.append("time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s"
+                                          for k, v in timings.items()))
+    return lines
+
+
+def _gates_table(gates: Sequence[Mapping[str, Any]]) -> list[str]:
+    lines = [f"{'gate':<28}{'over':<13}{'metric':<13}{'aggregate':<10}{'bound':>9}{'value':>11}"
+             f"  {'result':<8}95% interval over prompts"]
+    for g in gates:
+        interval = "" if not g.get("interval") else (
+            f"[{fmt(g['interval'][0])}, {fmt(g['interval'][1])}]"
+            + (" (judged at the unsafe end)" if g.get("conservative") else ""))
+        metric = f"{g['metric']}/floor" if g.get("relative_to") else g["metric"]
+        bound = (">= " if g["bound"] == "min" else "<= ") + fmt(g["threshold"])
+        value = math.nan if g.get("value") is None else g["value"]
+        lines.append(f"{g['name']:<28}{g.get('over', ''):<13}{metric:<13}{g['aggregate']:<10}"
+                     f"{bound:>9}{fmt(value):>11}  {'pass' if g['passed'] else 'FAIL':<8}"
+                     f"{interval}".rstrip())
+    return lines
+
+
+def _depth_lines(data: Mapping[str, Any]) -> list[str]:
+    sequences, decodes = data.get("sequences") or [], data.get("decodes") or []
+    if not sequences:
+        return []
+    kl = sorted(v for e in sequences for v in e["kl"] if v is not None)
+    if not kl:
+        return []
+    lines = [f"teacher-forced: {len(kl)} positions over {len(sequences)} prompts, KL mean "
+             f"{fmt(sum(kl) / len(kl))}, p95 {fmt(_quantile(kl, 0.95))}, max {fmt(kl[-1])}",
+             "  KL mean by continuation step: " + ", ".join(
+                 f"{start}-{end}: {fmt(value)}" for start, end, value in kl_by_bucket(sequences))]
+    diverged = [e for e in decodes if e.get("divergence")]
+    defects = [e for e in diverged if not e["divergence"]["near_tie"]]
+    agreed = sum(e["divergence"]["step"] if e.get("divergence") else e["positions"]
+                 for e in decodes)
+    total = sum(e.get("steps_generated", 0) for e in decodes)
+    lines.append(f"free-running: {agreed}/{total} steps agreed before divergence; "
+                 f"{len(diverged)} of {len(decodes)} prompts diverged "
+                 f"({len(diverged) - len(defects)} at near-ties, {len(defects)} at defects)")
+    return lines
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear interpolation between order statistics, as numpy's default quantile."""
+    position = (len(sorted_values) - 1) * q
+    low = math.floor(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+def _noise_floor_lines(data: Mapping[str, Any]) -> list[str]:
+    floor = data.get("noise_floor")
+    if not floor:
+        return []
+    parts = [f"{view.replace('_', ' ')} {fmt(entry.get('kl_mean', math.nan))} (candidate "
+             f"{fmt(entry.get('kl_ratio', math.nan))}x)" for view, entry in floor["views"].items()]
+    flips = sum(entry["flips"] for entry in floor["views"].values())
+    margin = (data.get("protocol") or {}).get("near_tie_margin", 0.0)
+    lines = [f"noise floor (hf {floor['dtype']} on {floor['device']} against the reference): "
+             f"KL mean {'; '.join(parts)}",
+             f"  rounding alone flipped {flips} top-1 tokens, largest reference margin "
+             f"{fmt(floor['max_flip_margin'])}"]
+    if floor["max_flip_margin"] > margin:
+        lines.append(f"warning: rounding alone flipped a token whose reference margin "
+                     f"({fmt(floor['max_flip_margin'])}) is above near_tie_margin "
+                     f"({fmt(margin)}): such flips count as defects; raise near_tie_margin "
+                     "in thresholds.toml")
+    return lines
+
+
+def performance_summary(data: Mapping[str, Any]) -> list[str]:
+    """The measured grid as a table, the speedups it shows, and the gates' verdicts."""
+    perf = data.get("performance") or {}
+    cases = perf.get("cases") or []
+    max_cv = perf.get("max_cv", 0.1)
+    lines = []
+    candidate = next((c for c in cases if c.get("mode") != REFERENCE), None)
+    if candidate is not None:
+        lines.append(f"candidate: {candidate.get('backend')} on {candidate.get('device')} in "
+                     f"{candidate.get('dtype')}"
+                     + (f", vllm {candidate['vllm']}" if candidate.get("vllm") else ""))
+    lines.append("each figure: median [min-max] over the rounds, then the coefficient of "
+                 f"variation (! above max_cv {max_cv:.0%})")
+    rows = []
+    for c in cases:
+        cells = [_spread(c, name, digits, max_cv) for name, digits in (
+            ("ttft_ms", 2), ("tpot_ms", 2), ("latency_ms", 1), ("throughput_tok_s", 1))]
+        rows.append((c["key"], str(c.get("rounds", "")), *cells, c.get("tpot_method", "")))
+    lines += text_table(("case", "rounds", "TTFT ms", "TPOT ms", "latency ms",
+                         "output tok/s", "TPOT from"), rows)
+    tpot = {c["key"]: c["tpot_ms"] for c in cases if c.get("tpot_ms")}
+    measured = [GridCase(c["mode"], c["input_len"], c["output_len"]) for c in cases]
+    pairs = [(e, c) for e, c in speedup_pairs(measured) if e.id in tpot and c.id in tpot]
+    if pairs:
+        lines.append("compiled speedup (eager TPOT / compiled TPOT): " + ", ".join(
+            f"in{c.input_len} {tpot[e.id] / tpot[c.id]:.2f}x" for e, c in pairs))
+    versus = []
+    for c in cases:
+        baseline = f"{REFERENCE}-in{c['input_len']}-out{c['output_len']}"
+        if c["mode"] != REFERENCE and c["key"] in tpot and baseline in tpot:
+            versus.append(f"{c['key']} {tpot[baseline] / tpot[c['key']]:.2f}x")
+    if versus:
+        ref = next(c for c in cases if c["mode"] == REFERENCE)
+        lines.append(f"TPOT speedup over plain Transformers ({ref.get('dtype')} on "
+                     f"{ref.get('device')}, {ref.get('threads', '?')} threads): "
+                     + ", ".join(versus))
+    if perf.get("engines"):
+        lines.append("engines, in order: " + ", ".join(perf["engines"]))
+    for gate in perf.get("gates") or []:
+        lines.append(f"{'PASS' if gate['passed'] else 'FAIL'} {performance_gate_message(gate)}")
+        lines += [f"     warning: {text}" for text in gate.get("warnings") or []]
+    for key, why in (perf.get("not_measured") or {}).items():
+        lines.append(f"not measured: {key} {why}")
+    return lines
+
+
+def _spread(case: Mapping[str, Any], name: str, digits: int, max_cv: float) -> str:
+    if case.get(name) is None:
+        return "-"
+    cv = case.get(f"{name}_cv")
+    wide = cv is None or cv > max_cv
+    return (f"{case[name]:.{digits}f} [{case[f'{name}_min']:.{digits}f}-"
+            f"{case[f'{name}_max']:.{digits}f}] cv {'n/a' if cv is None else f'{cv:.1%}'}"
+            + ("!" if wide else ""))
+

@@ -1,0 +1,234 @@
+"""The verdict: one JSON-ready dict of everything the run judged, from which the terminal
+summary, the reports and `llm-parity compare` are all made. Written atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llm_parity.compare.gates import GateResult
+from llm_parity.report.messages import POSITION_METRICS
+from llm_parity.report.schema import SCHEMA_VERSION
+
+if TYPE_CHECKING:
+    from llm_parity.compare.precision import PrecisionResult, PromptResult
+    from llm_parity.runner.session import ParitySession
+
+# Above this much reference mass outside the candidate's top-k, the bin KL is a loose bound.
+TAIL_WARNING = 0.05
+
+
+def noise_floor_summary(precision: PrecisionResult) -> dict[str, Any] | None:
+    """The floor's means per view and the candidate's as a multiple of them."""
+    floor = precision.noise_floor
+    if floor is None:
+        return None
+    from llm_parity.compare.metrics import aggregate
+    from llm_parity.compare.noise_floor import ratio
+
+    out = floor.summary()
+    for view, entry in out["views"].items():
+        for metric in ("kl", "js", "mae"):
+            if f"{metric}_mean" in entry and precision.view(view):
+                candidate = aggregate([float(v) for v in precision.values(metric, view)], "mean")
+                entry[f"candidate_{metric}_mean"] = candidate
+                entry[f"{metric}_ratio"] = ratio(candidate, entry[f"{metric}_mean"])
+    return out
+
+
+def gate_dict(result: GateResult) -> dict[str, Any]:
+    """A gate outcome for the verdict; "over" names the positions it reads."""
+    return {**result.as_dict(), "over": result.gate.over}
+
+
+def _depth_entry(result: PromptResult) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "id": result.prompt.id,
+        "token_count": result.token_count,
+        "positions": len(result.positions),
+        "passed": result.passed,
+        "gates": [gate_dict(r) for r in result.gate_results],
+        "kl": [float(p.comparison.kl) for p in result.positions],
+        "cosine": [float(p.comparison.cosine) for p in result.positions],
+        "top1_match": [bool(p.comparison.top1_match) for p in result.positions],
+        "near_tie": [bool(p.near_tie) for p in result.positions],
+    }
+    if result.view == "decode":
+        entry["steps_generated"] = result.steps
+        d = result.divergence
+        entry["divergence"] = None if d is None else {
+            "step": d.step, "reference_token": d.reference_token,
+            "candidate_token": d.candidate_token, "reference_margin": d.reference_margin,
+            "near_tie": d.near_tie, "context": d.context}
+    return entry
+
+
+def verdict_dict(session: ParitySession) -> dict[str, Any]:
+    settings = session.settings
+    run = session.run
+    if run is None:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "verdict": "error",
+            "error": str(session.error) if session.error else "the precision run did not finish",
+            "model": settings.model or "llm-parity/toy",
+            "candidate": {"backend": settings.candidate, "device": settings.candidate_device,
+                          "dtype": settings.candidate_dtype},
+            "aggregate": {}, "gates": [], "prompts": [],
+            "environment": session.environment,
+        }
+    precision = run.precision
+    prompts = []
+    for result in precision.prompts:
+        first = result.first
+        c = first.comparison
+        entry: dict[str, Any] = {
+            "id": result.prompt.id,
+            "prompt": result.prompt.text,
+            "token_count": result.token_count,
+            "reference_top1": first.reference_top1_text,
+            "candidate_top1": first.candidate_top1_text,
+            "top1_match": c.top1_match,
+            "near_tie": first.near_tie,
+            "passed": result.passed,
+        }
+        entry.update({m: getattr(c, m) for m in POSITION_METRICS if getattr(c, m) is not None})
+        entry["gates"] = [gate_dict(r) for r in result.gate_results]
+        prompts.append(entry)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "verdict": "pass" if precision.passed else "fail",
+        "model": run.reference_model.name,
+        "candidate_model": run.candidate_model.name,
+        "candidate": run.candidate,
+        "reference": run.reference,
+        "protocol": {"prompts": settings.prompts.name, "prompt_count": len(prompts),
+                     "positions": "first generated token", "logprobs": precision.k,
+                     "continuation": session.settings.continuation,
+                     "long_prompts": (session.settings.long_prompts.name
+                                      if session.settings.long_prompts else None),
+                     "near_tie_margin": precision.near_tie_margin,
+                     "strict": run.thresholds.strict,
+                     "thresholds": run.thresholds.source},
+        "aggregate": precision.aggregate(),
+        "gates": [gate_dict(r) for r in precision.gate_results],
+        "not_judged": [n.as_dict() for n in precision.not_judged],
+        "prompts": prompts,
+        "sequences": [_depth_entry(r) for r in precision.sequences],
+        "noise_floor": noise_floor_summary(precision),
+        "decodes": [_depth_entry(r) for r in precision.decodes],
+        "model_card": run.card,
+        "timings": run.timings,
+        "environment": session.environment,
+    }
+
+
+def clean(value: Any) -> Any:
+    """JSON has no NaN: unmeasurable values become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(v) for v in value]
+    if hasattr(value, "item"):  # numpy scalars
+        return clean(value.item())
+    return value
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write next to the target and rename, so a crash never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; a report is for readers
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def performance_dict(perf_run: Any) -> dict[str, Any] | None:
+    """The performance block of the verdict: every measured case, every judged gate, what
+    was not measured and why, and the order engines were built and released in."""
+    if perf_run is None or not (perf_run.results or perf_run.gate_outcomes
+                                or perf_run.not_measured):
+        return None
+    return {
+        "cases": [{"key": key, **result.flat()} for key, result in perf_run.results.items()],
+        "gates": [outcome.as_dict() for outcome in perf_run.gate_outcomes.values()],
+        "not_measured": dict(perf_run.not_measured),
+        "engines": [f"{verb} {key}" for verb, key in perf_run.events],
+        "max_cv": perf_run.max_cv,
+    }
+
+
+def full_verdict(session: ParitySession, perf_run: Any = None,
+                 outcomes: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The verdict, with the performance block when benchmarks ran, and the session's own
+    outcome folded in: `outcomes` holds the suite's test counts and pytest's exit status, and
+    the verdict passes only if they do, so JSON, JUnit and exit status always agree."""
+    data = verdict_dict(session)
+    performance = performance_dict(perf_run)
+    reasons: list[str] = []
+    if performance is not None:
+        data["performance"] = performance
+        failed = [g["name"] for g in performance["gates"] if not g["passed"]]
+        if failed:
+            reasons.append(f"performance gates failed: {', '.join(failed)}")
+        if not session.attempted:
+            # A performance-only run: its verdict is the performance side's.
+            data["verdict"] = "pass"
+            data.pop("error", None)
+    if data["verdict"] == "fail":
+        reasons.append("precision gates failed")
+    if outcomes is not None:
+        data["session"] = dict(outcomes)
+        tests = outcomes.get("tests", {})
+        bad = {k: tests.get(k, 0) for k in ("failed", "error")}
+        if any(bad.values()):
+            reasons.append(", ".join(f"{n} suite tests {'failed' if k == 'failed' else 'errored'}"
+                                     for k, n in bad.items() if n))
+        if outcomes.get("exit_status", 0) not in (0, None) and not reasons:
+            reasons.append(f"pytest exits with status {outcomes['exit_status']}")
+    if reasons and data["verdict"] == "pass":
+        data["verdict"] = "fail"
+    if reasons:
+        data["verdict_reasons"] = reasons
+    return clean(data)
+
+
+# ---------------------------------------------------------------- reading a verdict's views
+
+
+def kl_by_step(entries: Sequence[Mapping[str, Any]]) -> list[tuple[int, float, float]]:
+    """(step, mean, max) of KL across prompts at each continuation step of a depth view."""
+    steps = max((len(e["kl"]) for e in entries), default=0)
+    out = []
+    for j in range(steps):
+        column = [e["kl"][j] for e in entries if j < len(e["kl"]) and e["kl"][j] is not None]
+        if column:
+            out.append((j, sum(column) / len(column), max(column)))
+    return out
+
+
+def kl_by_bucket(entries: Sequence[Mapping[str, Any]], buckets: int = 4
+                 ) -> list[tuple[int, int, float]]:
+    """(first step, last step, mean KL) over a few equal spans of steps: a bug that grows
+    along the continuation shows here."""
+    steps = max((len(e["kl"]) for e in entries), default=0)
+    size = max(1, -(-steps // buckets))
+    out = []
+    for start in range(0, steps, size):
+        values = [v for e in entries for v in e["kl"][start:start + size] if v is not None]
+        if values:
+            out.append((start, min(start + size, steps) - 1, sum(values) / len(values)))
+    return out

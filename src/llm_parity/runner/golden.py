@@ -1,0 +1,257 @@
+"""Golden references: the float32 reference computed once, saved, and replayed.
+
+A store is a directory with two files:
+
+- `key.json`: what the reference depends on (checkpoint and tokenizer hashes, the token
+  ids of every prompt, the continuation length, the reference dtype and device, the
+  torch and transformers versions). A run whose key differs refuses the store and says
+  which fields changed.
+- `reference.safetensors`: the reference's float32 logits at every compared position
+  (first token, and each step of the greedy continuation) and the continuation's tokens.
+  Log-probs are rebuilt from the float32 logits by the same function the live engine
+  uses, so a stored reference gives bit-identical metrics on any candidate top-k, tail
+  mass included. Size: 4 bytes x vocabulary per compared position.
+
+Safetensors holds plain arrays only: nothing in a store is executed or unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llm_parity.compare.answers import Decoded, NextToken, next_token_from_logits
+from llm_parity.errors import StoreError
+
+FORMAT = 1
+KEY_FILE = "key.json"
+DATA_FILE = "reference.safetensors"
+REFRESH_HINT = "rerun with --reference-store-update to recompute it, or point --reference-store elsewhere"
+
+# Files that make a tokenizer, hashed into the key when present.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+
+
+
+def tokenizer_hash(model_dir: Path) -> str:
+    digest = hashlib.sha256()
+    for name in _TOKENIZER_FILES:
+        path = model_dir / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def ids_hash(named_ids: Sequence[tuple[str, Sequence[int]]]) -> str:
+    """sha256 of (prompt id, token ids) pairs: the prompts exactly as the engines see them."""
+    text = json.dumps([[name, [int(t) for t in ids]] for name, ids in named_ids])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def build_key(
+    *,
+    checkpoint_sha256: str,
+    tokenizer_sha256: str,
+    first_token: Sequence[tuple[str, Sequence[int]]],
+    depth: Sequence[tuple[str, Sequence[int]]],
+    continuation: int,
+    dtype: str,
+    device: str,
+    versions: Mapping[str, str | None],
+) -> dict[str, Any]:
+    """Everything a stored reference depends on; two runs with equal keys share it."""
+    return {
+        "format": FORMAT,
+        "checkpoint_sha256": checkpoint_sha256,
+        "tokenizer_sha256": tokenizer_sha256,
+        "first_token_prompts": ids_hash(first_token),
+        "first_token_prompt_ids": [name for name, _ in first_token],
+        "depth_prompts": ids_hash(depth),
+        "depth_prompt_ids": [name for name, _ in depth],
+        "continuation": int(continuation),
+        "reference_dtype": dtype,
+        "reference_device": device,
+        "torch": versions.get("torch"),
+        "transformers": versions.get("transformers"),
+    }
+
+
+def key_changes(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """Readable lines, one per field that differs."""
+    changes = []
+    for field in wanted:
+        if field.endswith("_prompt_ids"):
+            continue  # named through their hash field, with the ids that moved
+        old, new = stored.get(field), wanted[field]
+        if old == new:
+            continue
+        if field in ("first_token_prompts", "depth_prompts"):
+            names = field.replace("_prompts", "_prompt_ids")
+            before, after = stored.get(names) or [], wanted.get(names) or []
+            added = [n for n in after if n not in before]
+            removed = [n for n in before if n not in after]
+            detail = []
+            if added:
+                detail.append("added " + ", ".join(added[:5]) + ("..." if len(added) > 5 else ""))
+            if removed:
+                detail.append("removed " + ", ".join(removed[:5])
+                              + ("..." if len(removed) > 5 else ""))
+            changes.append(f"{field.replace('_', ' ')}: "
+                           + ("; ".join(detail) if detail else "the token ids differ"))
+        else:
+            changes.append(f"{field}: stored {_short(old)}, this run {_short(new)}")
+    return changes
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text[:12] + "..." if len(text) == 64 else text
+
+
+class ReferenceStore:
+    """One directory holding one reference."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def key_path(self) -> Path:
+        return self.path / KEY_FILE
+
+    @property
+    def data_path(self) -> Path:
+        return self.path / DATA_FILE
+
+    def exists(self) -> bool:
+        return self.key_path.is_file() and self.data_path.is_file()
+
+    def stored_key(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.key_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{self.key_path}: unreadable reference store key ({exc}); "
+                             f"{REFRESH_HINT}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("key"), dict):
+            raise StoreError(f"{self.key_path}: not a reference store key; {REFRESH_HINT}")
+        return data
+
+    def check(self, key: Mapping[str, Any]) -> dict[str, Any]:
+        """Refuse a store made for other inputs, naming every field that changed; return
+        the stored key file otherwise."""
+        meta = self.stored_key()
+        stored = meta["key"]
+        changes = key_changes(stored, key)
+        if changes:
+            raise StoreError(
+                f"reference store {self.path} was made for other inputs and is stale:\n  "
+                + "\n  ".join(changes) + f"\n{REFRESH_HINT}"
+            )
+        return meta
+
+    def load(self, key: Mapping[str, Any], k: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(answers, engine description) as the live reference engine would give them."""
+        meta = self.check(key)
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        try:
+            tensors = load_file(str(self.data_path))
+        except (OSError, SafetensorError) as exc:
+            raise StoreError(f"{self.data_path}: unreadable ({exc}); {REFRESH_HINT}") from None
+        expected = {"first_logits": (len(key["first_token_prompt_ids"]),)}
+        if key["depth_prompt_ids"]:
+            expected["decoded_tokens"] = (len(key["depth_prompt_ids"]), key["continuation"])
+            expected["decoded_logits"] = (len(key["depth_prompt_ids"]), key["continuation"])
+        for name, leading in expected.items():
+            if name not in tensors or tensors[name].shape[: len(leading)] != leading:
+                got = tensors[name].shape if name in tensors else "nothing"
+                raise StoreError(f"{self.data_path}: {name} has shape {got}, expected leading "
+                                 f"dimensions {leading}; {REFRESH_HINT}")
+        answers: dict[str, Any] = {
+            "first": [next_token_from_logits(row, k) for row in tensors["first_logits"]],
+        }
+        if key["depth_prompt_ids"]:
+            answers["decoded"] = [
+                Decoded([int(t) for t in tokens], [next_token_from_logits(r, k) for r in rows])
+                for tokens, rows in zip(tensors["decoded_tokens"], tensors["decoded_logits"])
+            ]
+        return answers, dict(meta.get("engine", {}))
+
+    def save(self, key: Mapping[str, Any], answers: Mapping[str, Any],
+             engine: Mapping[str, Any]) -> None:
+        """Write the store whole, or leave what was there: a temp directory, then a rename."""
+        from safetensors.numpy import save_file
+
+        tensors = {"first_logits": _stack_logits(answers["first"])}
+        decoded: list[Decoded] = answers.get("decoded") or []
+        if decoded:
+            tensors["decoded_tokens"] = np.array([d.token_ids for d in decoded], dtype=np.int64)
+            tensors["decoded_logits"] = np.stack([_stack_logits(d.steps) for d in decoded])
+        meta = {"key": dict(key), "engine": dict(engine),
+                "bytes_per_position": int(tensors["first_logits"].shape[1] * 4)}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
+        try:
+            save_file(tensors, str(staging / DATA_FILE), metadata={"format": str(FORMAT)})
+            (staging / KEY_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+            os.chmod(staging, 0o755)  # mkdtemp's owner-only modes would hide a shared store
+            for written in staging.iterdir():
+                os.chmod(written, 0o644)
+            if self.path.exists():
+                retired = self.path.with_name(f".{self.path.name}.old")
+                shutil.rmtree(retired, ignore_errors=True)
+                os.replace(self.path, retired)
+                os.replace(staging, self.path)
+                shutil.rmtree(retired, ignore_errors=True)
+            else:
+                os.replace(staging, self.path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+
+    def floor_path(self, dtype: str, k: int) -> Path:
+        return self.path / f"noise_floor-{dtype}-top{k}.json"
+
+    def load_floor(self, key: Mapping[str, Any], dtype: str, k: int) -> Any:
+        """The stored noise floor for this dtype and top-k, or None when there is none yet."""
+        from llm_parity.compare.noise_floor import NoiseFloor
+
+        path = self.floor_path(dtype, k)
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{path}: unreadable noise floor ({exc}); {REFRESH_HINT}") from None
+        if data.get("key") != dict(key):
+            return None  # measured for another reference: measure again, then overwrite
+        try:
+            return NoiseFloor.from_dict(data["floor"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreError(f"{path}: malformed noise floor ({exc}); {REFRESH_HINT}") from None
+
+    def save_floor(self, key: Mapping[str, Any], floor: Any) -> None:
+        path = self.floor_path(floor.dtype, floor.k)
+        staging = path.with_name(path.name + ".tmp")
+        staging.write_text(json.dumps({"key": dict(key), "floor": floor.to_dict()})
+                           + "\n", encoding="utf-8")
+        os.replace(staging, path)
+
+
+def _stack_logits(views: Sequence[NextToken]) -> np.ndarray:
+    rows = []
+    for view in views:
+        if view.logits is None:
+            raise StoreError("the reference engine kept no float32 logits; it cannot be stored")
+        rows.append(np.asarray(view.logits, dtype=np.float32))
+    return np.stack(rows)

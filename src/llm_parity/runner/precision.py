@@ -1,0 +1,330 @@
+"""The precision run: resolve the model, tokenize once, run the reference (or read its
+golden store), the candidate and the noise floor on the same token ids, compare.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from llm_parity.compare.answers import check_next_token
+from llm_parity.compare.precision import (
+    PrecisionResult,
+    PromptResult,
+    compare_decodes,
+    compare_prompts,
+    compare_sequences,
+    judge,
+)
+from llm_parity.config.options import Settings
+from llm_parity.config.thresholds import Thresholds
+from llm_parity.engines.base import (
+    EngineSpec,
+    build_engine,
+    engine_class,
+    resolve_candidate_backend,
+)
+from llm_parity.errors import EngineError, ParityInputError
+from llm_parity.runner.models import ResolvedModel, checkpoint_card, resolve_model
+
+
+@dataclass
+class Run:
+    """What the precision run produced, kept for reports."""
+
+    reference_model: ResolvedModel
+    candidate_model: ResolvedModel
+    candidate: dict[str, Any]
+    reference: dict[str, Any]
+    thresholds: Thresholds
+    precision: PrecisionResult
+    token_ids: list[list[int]]
+    timings: dict[str, float] = field(default_factory=dict)
+    card: dict[str, Any] = field(default_factory=dict)
+
+
+def platform_of(device: str) -> str:
+    return device.split(":")[0]
+
+
+def run_precision(settings: Settings, environment: dict[str, Any]) -> Run:
+    from llm_parity.runner.environment import collect_environment
+    from llm_parity.runner.tokenization import load_tokenizer, tokenize_prompts
+
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    reference_model = resolve_model(settings.model, "--model")
+    candidate_model = (
+        resolve_model(settings.candidate_model, "--candidate-model")
+        if settings.candidate_model
+        else reference_model
+    )
+    card = checkpoint_card(reference_model.path)
+    backend = resolve_candidate_backend(settings.candidate)
+
+    k = settings.logprobs
+    reference_spec = EngineSpec(
+        model=str(reference_model.path),
+        dtype=settings.reference_dtype,
+        device=settings.reference_device,
+        trust_remote_code=settings.trust_remote_code,
+        role="reference (hf)",
+        logprobs=k,
+    )
+    candidate_spec = EngineSpec(
+        model=str(candidate_model.path),
+        tokenizer=str(candidate_model.path),
+        dtype=settings.candidate_dtype,
+        device=settings.candidate_device,
+        trust_remote_code=settings.trust_remote_code,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        options=dict(settings.candidate_options),
+        role=f"candidate ({backend})",
+        logprobs=k,
+        name=candidate_model.name,
+        url=settings.candidate_url,
+        api_key_env=settings.candidate_api_key_env,
+    )
+    # Before anything heavy: is every asked device here, does the backend import?
+    engine_class("hf").preflight(reference_spec)
+    engine_class(backend).preflight(candidate_spec)
+
+    # Tokenize once with the reference tokenizer; the candidate scores the same ids.
+    tokenizer = load_tokenizer(reference_model.path, settings.trust_remote_code)
+    token_ids = tokenize_prompts(tokenizer, settings.prompts)
+    if candidate_model.path != reference_model.path:
+        from llm_parity.runner.tokenization import check_same_tokenization
+
+        check_same_tokenization(
+            tokenizer,
+            load_tokenizer(candidate_model.path, settings.trust_remote_code),
+            settings.prompts,
+            token_ids,
+        )
+    timings["prepare_s"] = time.perf_counter() - started
+
+    # Depth: the first-token prompts and the long-context set, continued by the reference.
+    depth = _depth_prompts(settings, tokenizer, card)
+    store, key = _reference_store(settings, reference_model, card, token_ids, depth,
+                                  reference_spec)
+    if store is not None and store.exists() and not settings.reference_store_update:
+        started = time.perf_counter()
+        reference, reference_info = store.load(key, k)  # refuses a stale store, naming why
+        reference_info = {**reference_info, "store": str(store.path)}
+        timings["reference_store_load_s"] = time.perf_counter() - started
+    else:
+        reference, reference_info = _run_engine(
+            "hf", reference_spec, token_ids, depth, k, settings, timings, "reference"
+        )
+        if store is not None:
+            store.save(key, reference, reference_info)
+            reference_info = {**reference_info, "store": str(store.path)}
+    reference_decoded = reference.get("decoded")
+    depth_sequences = (
+        [ids + d.token_ids for ids, d in zip(depth[1], reference_decoded)] if depth else []
+    )
+    vocab_size = len(reference["first"][0].full_logprobs)
+    candidate, candidate_info = _run_engine(
+        backend, candidate_spec, token_ids, depth, k, settings, timings, "candidate",
+        vocab_size=vocab_size, sequences=depth_sequences,
+    )
+
+    thresholds = settings.thresholds(platform_of(candidate_info["device"]),
+                                     settings.model or reference_model.name)
+    compare = _Comparison(settings, tokenizer, token_ids, depth, reference, thresholds, k)
+    noise_floor = None
+    if _floor_wanted(settings, thresholds):
+        noise_floor = store.load_floor(key, settings.candidate_dtype, k) if store else None
+        if noise_floor is None:
+            floor_spec = replace(reference_spec, dtype=settings.candidate_dtype,
+                                 role=f"noise floor (hf {settings.candidate_dtype})")
+            floor_answers, floor_info = _run_engine(
+                "hf", floor_spec, token_ids, depth, k, settings, timings, "noise_floor",
+                vocab_size=vocab_size, sequences=depth_sequences,
+            )
+            from llm_parity.compare.noise_floor import NoiseFloor
+
+            noise_floor = NoiseFloor.from_views(
+                compare.views(floor_answers), k=k, dtype=settings.candidate_dtype,
+                device=floor_info["device"],
+            )
+            if store is not None:
+                store.save_floor(key, noise_floor)
+    started = time.perf_counter()
+    precision = compare.judge(candidate, noise_floor)
+    timings["compare_s"] = time.perf_counter() - started
+    environment.update(
+        collect_environment(
+            model=reference_model,
+            card=card,
+            candidate=candidate_info,
+        )
+    )
+    return Run(
+        reference_model=reference_model,
+        candidate_model=candidate_model,
+        candidate=candidate_info,
+        reference=reference_info,
+        thresholds=thresholds,
+        precision=precision,
+        token_ids=token_ids,
+        timings=timings,
+        card=card,
+    )
+
+
+def _depth_prompts(settings: Settings, tokenizer: Any, card: dict[str, Any]):
+    """(prompts, token ids) that the depth views continue, or None when depth is off."""
+    from llm_parity.runner.tokenization import tokenize_prompts
+
+    if settings.continuation == 0:
+        return None
+    sets = [settings.prompts] + ([settings.long_prompts] if settings.long_prompts else [])
+    prompts = [p for prompt_set in sets for p in prompt_set.prompts]
+    ids = [i for prompt_set in sets for i in tokenize_prompts(tokenizer, prompt_set)]
+    limit = card.get("max_position_embeddings")
+    for prompt, prompt_ids in zip(prompts, ids):
+        if limit and len(prompt_ids) + settings.continuation > limit:
+            raise ParityInputError(
+                f"prompt {prompt.id} has {len(prompt_ids)} tokens; with a continuation of "
+                f"{settings.continuation} it exceeds the model's {limit} positions "
+                "(shorten it, or lower --continuation)"
+            )
+    return prompts, ids
+
+
+class _Comparison:
+    """Compare one engine's answers with the reference in every view; judge the gates once."""
+
+    def __init__(self, settings, tokenizer, token_ids, depth, reference, thresholds, k):
+        from llm_parity.runner.tokenization import token_text
+
+        self.settings, self.tokenizer, self.token_ids = settings, tokenizer, token_ids
+        self.depth, self.reference, self.thresholds, self.k = depth, reference, thresholds, k
+        self.decode = lambda token: token_text(tokenizer, token)
+
+    def views(self, answers: dict[str, Any]) -> dict[str, list[PromptResult]]:
+        margin, k, decode = self.thresholds.near_tie_margin, self.k, self.decode
+        views = {"first_token": compare_prompts(
+            self.settings.prompts.prompts, self.token_ids, self.reference["first"],
+            answers["first"], near_tie_margin=margin, k=k, decode=decode)}
+        if self.depth:
+            prompts, ids = self.depth
+            decoded = self.reference["decoded"]
+            views["sequence"] = compare_sequences(
+                prompts, ids, decoded, answers["sequence"], near_tie_margin=margin, k=k,
+                decode=decode)
+            views["decode"] = compare_decodes(
+                prompts, ids, decoded, answers["decode"], near_tie_margin=margin, k=k,
+                decode=decode,
+                text=lambda tokens: self.tokenizer.decode(list(tokens), skip_special_tokens=False))
+        return views
+
+    def judge(self, answers: dict[str, Any], noise_floor: Any = None) -> PrecisionResult:
+        return judge(
+            self.views(answers), self.thresholds, k=self.k, noise_floor=noise_floor,
+            floor_missing=floor_skip_reason(self.settings) or "it was not measured",
+            depth_missing=None if self.depth else (
+                "the depth views did not run (--continuation 0)"),
+        )
+
+
+def floor_skip_reason(settings: Settings) -> str | None:
+    """Why gates relative to the noise floor cannot be judged in this run, if they cannot."""
+    if settings.noise_floor == "off":
+        return "the noise floor is off (--noise-floor off)"
+    if settings.candidate_dtype == settings.reference_dtype:
+        return (f"the candidate runs in the reference's dtype ({settings.candidate_dtype}): "
+                "there is no rounding floor to measure")
+    return None
+
+
+def _floor_wanted(settings: Settings, thresholds: Thresholds) -> bool:
+    if floor_skip_reason(settings) is not None:
+        return False
+    if settings.noise_floor == "on":
+        return True
+    return any(g.relative_to for g in (*thresholds.gates, *thresholds.prompt_gates))
+
+
+def _reference_store(settings, reference_model, card, token_ids, depth, spec):
+    """(store, key) for --reference-store, or (None, None)."""
+    if settings.reference_store is None:
+        return None, None
+    from llm_parity.runner.environment import package_version
+    from llm_parity.runner.golden import ReferenceStore, build_key, tokenizer_hash
+    from llm_parity.runner.models import checkpoint_hash
+
+    key = build_key(
+        checkpoint_sha256=checkpoint_hash(reference_model.path),
+        tokenizer_sha256=tokenizer_hash(reference_model.path),
+        first_token=[(p.id, ids) for p, ids in zip(settings.prompts.prompts, token_ids)],
+        depth=[(p.id, ids) for p, ids in zip(*depth)] if depth else [],
+        continuation=settings.continuation if depth else 0,
+        dtype=spec.dtype,
+        device=spec.device,
+        versions={"torch": package_version("torch"),
+                  "transformers": package_version("transformers")},
+    )
+    return ReferenceStore(settings.reference_store), key
+
+
+def _run_engine(
+    backend: str,
+    spec: EngineSpec,
+    token_ids: list[list[int]],
+    depth: tuple[list, list[list[int]]] | None,
+    k: int,
+    settings: Settings,
+    timings: dict[str, float],
+    role: str,
+    vocab_size: int | None = None,
+    sequences: list[list[int]] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Build one engine, make each kind of call once over every prompt, release it.
+
+    The reference continues the depth prompts greedily ("decoded"); the candidate scores
+    those continued sequences (teacher-forced) and decodes freely itself.
+    """
+    started = time.perf_counter()
+    engine = build_engine(backend, spec)
+    timings[f"{role}_load_s"] = time.perf_counter() - started
+    answers: dict[str, Any] = {}
+    try:
+        named = {p.id: (p.id, p.text, ids) for p, ids in zip(settings.prompts.prompts, token_ids)}
+        if depth:
+            named.update((p.id, (p.id, p.text, ids)) for p, ids in zip(*depth))
+        engine.check_tokenization(list(named.values()))
+        started = time.perf_counter()
+        answers["first"] = engine.next_token(token_ids, k)
+        timings[f"{role}_first_token_s"] = time.perf_counter() - started
+        if depth:
+            started = time.perf_counter()
+            prompt_ids = depth[1]
+            if sequences is None:
+                answers["decoded"] = engine.greedy(prompt_ids, settings.continuation, k)
+            else:
+                starts = [len(ids) - 1 for ids in prompt_ids]
+                answers["sequence"] = engine.score(sequences, starts, k)
+                answers["decode"] = engine.greedy(prompt_ids, settings.continuation, k)
+            timings[f"{role}_depth_s"] = time.perf_counter() - started
+        info = engine.describe()
+    finally:
+        engine.close()
+    first = answers["first"]
+    if len(first) != len(token_ids):
+        raise EngineError(f"{spec.role}: answered {len(first)} prompts of {len(token_ids)}")
+    if first and first[0].full_logprobs is not None:
+        vocab_size = len(first[0].full_logprobs)
+    checks = [(p.id, "", a) for p, a in zip(settings.prompts.prompts, first)]
+    if depth:
+        for kind in ("decoded", "sequence", "decode"):
+            for prompt, views in zip(depth[0], answers.get(kind, [])):
+                steps = views.steps if hasattr(views, "steps") else views
+                checks += [(prompt.id, f" ({kind}, position {j})", v) for j, v in enumerate(steps)]
+    for prompt_id, where, answer in checks:
+        check_next_token(
+            answer, k=k, vocab_size=vocab_size or k, where=f"{spec.role}, prompt {prompt_id}{where}"
+        )
+    return answers, info

@@ -1,0 +1,41 @@
+"""One state object per session: settings, the precision run (done once, on first need),
+the performance run, and the environment they ran in.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llm_parity.config.options import Settings
+from llm_parity.runner.precision import Run, run_precision
+
+
+class ParitySession:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.run: Run | None = None
+        self.error: BaseException | None = None
+        self.environment: dict[str, Any] = {}
+        self.attempted = False
+        self.verdict: dict[str, Any] | None = None  # built once, at the end of the session
+
+    def gate_names(self) -> list[str]:
+        """Every gate name the file can produce, on any platform, for this model."""
+        return self.settings.thresholds_file.gate_names(self.settings.model)
+
+    def depth_prompt_ids(self) -> list[str]:
+        return [p.id for p in self.settings.depth_prompts()]
+
+    def precision(self) -> Run:
+        """Run the comparison once; later calls return it, or raise the same error."""
+        if not self.attempted:
+            self.attempted = True
+            try:
+                self.run = run_precision(self.settings, self.environment)
+            except BaseException as exc:
+                self.error = exc
+                raise
+        if self.error is not None:
+            raise self.error
+        assert self.run is not None
+        return self.run
