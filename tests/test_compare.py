@@ -80,6 +80,21 @@ def test_a_fixed_gate_is_not_a_regression(good, bad):
     assert "Per-prompt gates that now pass:" in comparison.lines
 
 
+def test_a_gate_no_longer_judged_is_a_regression(good):
+    new = copy.deepcopy(good)
+    gate = next(g for g in new["gates"] if g["name"] == "sequence_kl_mean")
+    new["gates"].remove(gate)
+    new["not_judged"] = [{**{k: gate[k] for k in ("name", "metric", "aggregate", "bound",
+                                                   "threshold", "over", "scope")},
+                          "reason": "the depth views did not run (--continuation 0)",
+                          "strict": False}]
+    comparison = compare_verdicts(good, new)
+    assert comparison.exit_code == 1
+    assert comparison.regressions == ["gate sequence_kl_mean (not judged)"]
+    assert any("pass -> not judged  REGRESSION (not judged: the depth views did not run"
+               in line for line in comparison.lines)
+
+
 def test_aggregate_moves_say_which_way_is_better(good, bad):
     lines = compare_verdicts(good, bad).lines
     rows = {line.split()[0]: line for line in lines if line.startswith("  ") and line.split()}

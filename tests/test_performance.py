@@ -461,6 +461,25 @@ def test_a_gate_whose_benchmark_was_deselected_is_an_error(paced_project):
     result.stdout.fnmatch_lines(["ERROR*test_performance_gate[[]compiled_speedup[]]*"])
 
 
+def test_a_gate_that_errors_fails_the_json_verdict_too(paced_project, read_json):
+    # The gate that errors never reaches the performance block's gates; the verdict still
+    # says fail, as the exit status and the JUnit XML do, and says why.
+    paced_project.makefile(".toml", thresholds=GRID.format(max_cv=0.5).replace(
+        "min = 1e9", "min = 0.0").replace("max = 0.001", "max = 1e9"))
+    result = run_paced(paced_project, "--benchmark-only", "-k", "not eager-in32",
+                       "--parity-json", "verdict.json")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, result.stdout.str()
+    verdict = read_json(paced_project.path / "verdict.json")
+    messages = junit_messages(paced_project.path / "junit.xml")
+    assert {tag for tag, _ in messages.values()} == {"error"}
+    assert all(g["passed"] for g in verdict["performance"]["gates"])  # those judged passed
+    assert verdict["verdict"] == "fail"
+    assert verdict["session"]["tests"]["error"] == len(messages)
+    assert verdict["session"]["exit_status"] == 1
+    assert any("errored" in reason for reason in verdict["verdict_reasons"])
+    assert "eager-in32-out4" in verdict["performance"]["not_measured"]
+
+
 def test_a_benchmark_that_fails_makes_its_gates_errors(paced_project):
     result = run_paced(paced_project, "-m", "performance", "--candidate-option", "short_by=1")
     assert result.ret == pytest.ExitCode.TESTS_FAILED

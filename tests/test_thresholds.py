@@ -6,6 +6,7 @@ import pytest
 
 from llm_parity.config.thresholds import (
     Gate,
+    ThresholdsFile,
     load_thresholds,
     packaged_thresholds_path,
     resolve_thresholds,
@@ -185,3 +186,27 @@ def test_a_new_gate_in_an_override_must_be_whole():
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ThresholdsError, match="nope.toml: cannot read"):
         load_thresholds(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize("override, message", [
+    # A base rate gate given a KL metric by a platform: a rate of a float.
+    ('[platforms.cpu.precision.gates.top1_match_rate]\nmetric = "kl"\n',
+     "aggregate 'rate' does not fit metric 'kl'"),
+    # A min bound on a cosine, then read relative to the floor by a model section.
+    ('[models."org/m".precision.gates.cosine_mean]\nrelative_to = "noise_floor"\n',
+     "cannot be read relative to the noise floor"),
+])
+def test_every_merged_override_is_validated_when_the_file_is_read(tmp_path, override, message):
+    path = write(tmp_path, """
+[precision.gates.top1_match_rate]
+metric = "top1_match"
+aggregate = "rate"
+min = 0.99
+
+[precision.gates.cosine_mean]
+metric = "cosine"
+min = 0.99
+""" + override)
+    with pytest.raises(ThresholdsError, match="merged with") as info:
+        ThresholdsFile.read(path)  # no platform or model asked: every section is checked
+    assert str(path) in str(info.value) and message in str(info.value)

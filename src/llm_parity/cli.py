@@ -36,10 +36,13 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+    from llm_parity.config.options import positive_int
+    from llm_parity.errors import SettingsError
+
+    try:
+        return positive_int(text, "--top")
+    except SettingsError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--top: ")) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

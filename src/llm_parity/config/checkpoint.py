@@ -11,6 +11,9 @@ from llm_parity.errors import ModelError
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# Files that make a tokenizer: hashed into a golden store's key, copied into made checkpoints.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 
 
 def is_local_reference(name: str) -> bool:

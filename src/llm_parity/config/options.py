@@ -152,9 +152,9 @@ def build_settings(raw: dict[str, Any], rootdir: Path) -> Settings:
             raise SettingsError(f"--{flag}: unknown device {raw[flag]!r}; expected auto, cpu, "
                                 "cuda, npu or xpu (optionally with :index)")
     candidate_url = _candidate_url(raw, candidate)
-    logprobs = _positive_int(raw["logprobs"], "--logprobs")
-    tp = _positive_int(raw["tensor-parallel-size"], "--tensor-parallel-size")
-    continuation = _positive_int(raw["continuation"], "--continuation", minimum=0)
+    logprobs = positive_int(raw["logprobs"], "--logprobs")
+    tp = positive_int(raw["tensor-parallel-size"], "--tensor-parallel-size")
+    continuation = positive_int(raw["continuation"], "--continuation", minimum=0)
     for flag in ("model", "candidate-model"):
         name = raw[flag]
         if name and is_local_reference(name):
@@ -275,7 +275,8 @@ def _long_prompts(value: str | None, continuation: int) -> PromptSet | None:
     return load_prompts(packaged) if packaged.is_file() else None
 
 
-def _positive_int(value: Any, flag: str, minimum: int = 1) -> int:
+def positive_int(value: Any, flag: str, minimum: int = 1) -> int:
+    """An integer >= minimum, or a SettingsError naming the option."""
     what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
     try:
         number = int(value)

@@ -8,7 +8,7 @@ without one runs the suite only when asked (an llm-parity option, or `-m precisi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 
@@ -19,12 +19,8 @@ from llm_parity.pytest_plugin.state import (
     PERF_KEY,
     SESSION_KEY,
     SuiteOutcomes,
-    parity_session,
     under_args,
 )
-
-if TYPE_CHECKING:
-    from llm_parity.runner.session import ParitySession
 
 MARKERS = {
     "precision": "next-token parity of the candidate against the float32 reference",
@@ -90,8 +86,9 @@ def pytest_configure(config: pytest.Config) -> None:
     if asked and not under_args(settings.thresholds_path, config):
         # Packaged or outside the tree: collect it explicitly so the suite still runs.
         config.args.append(str(settings.thresholds_path))
-    from llm_parity.pytest_plugin import performance
+    from llm_parity.pytest_plugin import fixtures, performance
 
+    config.pluginmanager.register(fixtures, "llm-parity-fixtures")
     config.pluginmanager.register(performance, "llm-parity-performance")
 
 
@@ -110,7 +107,14 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     session = config.stash.get(SESSION_KEY, None)
-    if session is None or session.settings.continuation:
+    if session is None:
+        return
+    from llm_parity.pytest_plugin.fixtures import ENGINE_FIXTURES
+
+    # A test of the user's asks for the loaded engines: the run keeps them open for it.
+    session.keep_engines = any(ENGINE_FIXTURES & set(getattr(i, "fixturenames", ()))
+                               for i in items)
+    if session.settings.continuation:
         return
     # --continuation 0: the depth tests have nothing to compare; leave them out, counted.
     depth = [i for i in items if getattr(i, "originalname", "") in ("test_sequence", "test_decode")
@@ -124,27 +128,6 @@ def _suite_class():
     from llm_parity.pytest_plugin.collector import ParitySuite
 
     return ParitySuite
-
-
-@pytest.fixture(scope="session")
-def parity(request: pytest.FixtureRequest) -> ParitySession:
-    """The session's llm-parity state: settings, and the precision run on demand."""
-    return parity_session(request.config)
-
-
-@pytest.fixture(scope="session")
-def parity_run(parity, record_testsuite_property):
-    """The precision comparison, computed once; a failed run fails every test that needs it."""
-    from llm_parity.errors import RUN_ERRORS
-
-    try:
-        run = parity.precision()
-    except RUN_ERRORS as exc:
-        pytest.fail(f"llm-parity: {exc}", pytrace=False)
-    for key, value in parity.environment.items():
-        if value is not None:
-            record_testsuite_property(key, value)
-    return run
 
 
 def pytest_itemcollected(item: pytest.Item) -> None:
@@ -182,7 +165,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
         data["session"]["exit_status"] = int(session.exitstatus)
     state.verdict = data
-    write_outputs(data, state.settings.parity_json, state.settings.parity_reports)
+    try:
+        write_outputs(data, state.settings.parity_json, state.settings.parity_reports)
+    finally:
+        state.close_engines()
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:

@@ -75,6 +75,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 def _state(gate: dict[str, Any] | None) -> str:
     if gate is None:
         return "-"
+    if gate.get("reason") is not None:
+        return "not judged"
     return "pass" if gate.get("passed") else "FAIL"
 
 
@@ -106,7 +108,11 @@ def _compare_gates(title: str, old: list[dict], new: list[dict], out: Comparison
         elif b is None:
             moved = "gone"
         state = f"{_state(a)} -> {_state(b)}"
-        if a is not None and b is not None and a.get("passed") and not b.get("passed"):
+        if a is not None and a.get("passed") and b is not None and b.get("reason") is not None:
+            # Judged and passing before, not judged now: nothing says it still passes.
+            state += "  REGRESSION (not judged: " + b["reason"] + ")"
+            out.regressions.append(f"{what} {name} (not judged)")
+        elif a is not None and b is not None and a.get("passed") and not b.get("passed"):
             state += "  REGRESSION"
             out.regressions.append(f"{what} {name}")
         elif a is not None and b is not None and not a.get("passed") and b.get("passed"):
@@ -247,7 +253,8 @@ def compare_verdicts(old: dict[str, Any], new: dict[str, Any], *, top: int = 5,
         if old["verdict"] != "error":
             out.regressions.append("the new run did not finish")
     _compare_setup(old, new, out)
-    _compare_gates("Gates:", old.get("gates") or [], new.get("gates") or [], out)
+    _compare_gates("Gates:", [*(old.get("gates") or []), *(old.get("not_judged") or [])],
+                   [*(new.get("gates") or []), *(new.get("not_judged") or [])], out)
     _prompt_gate_flips(old, new, out)
     _compare_aggregates(old, new, out)
     _compare_prompts(old, new, out, top)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from llm_parity.compare.answers import Decoded, NextToken, next_token_from_logits
+from llm_parity.config.checkpoint import TOKENIZER_FILES
 from llm_parity.errors import StoreError
 
 FORMAT = 1
@@ -36,18 +37,25 @@ KEY_FILE = "key.json"
 DATA_FILE = "reference.safetensors"
 REFRESH_HINT = "rerun with --reference-store-update to recompute it, or point --reference-store elsewhere"
 
-# Files that make a tokenizer, hashed into the key when present.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
-
 
 
 def tokenizer_hash(model_dir: Path) -> str:
     digest = hashlib.sha256()
-    for name in _TOKENIZER_FILES:
+    for name in TOKENIZER_FILES:
         path = model_dir / name
         if path.is_file():
             digest.update(name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def code_hash(model_dir: Path) -> str | None:
+    """sha256 of the checkpoint's *.py files (its remote code), or None when it has none."""
+    files = sorted(model_dir.glob("*.py"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 
@@ -67,6 +75,9 @@ def build_key(
     dtype: str,
     device: str,
     versions: Mapping[str, str | None],
+    trust_remote_code: bool = False,
+    code_sha256: str | None = None,
+    attn_implementation: str | None = None,
 ) -> dict[str, Any]:
     """Everything a stored reference depends on; two runs with equal keys share it."""
     return {
@@ -82,6 +93,11 @@ def build_key(
         "reference_device": device,
         "torch": versions.get("torch"),
         "transformers": versions.get("transformers"),
+        # The checkpoint's own Python (trust_remote_code) and the attention kernel change
+        # the numbers as surely as the weights do.
+        "trust_remote_code": bool(trust_remote_code),
+        "code_sha256": code_sha256,
+        "attn_implementation": attn_implementation or "default",
     }
 
 

@@ -108,11 +108,24 @@ def _hf_cache(name: str) -> Path | None:
         snapshot = snapshots / ref.read_text().strip()
         if snapshot.is_dir():
             return snapshot
-    if snapshots.is_dir():
-        found = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
-        for snapshot in found:
-            if (snapshot / "config.json").is_file():
-                return snapshot
+    if not snapshots.is_dir():
+        return None
+    # No usable refs/main: ask huggingface_hub, which knows which snapshot is current,
+    # rather than guess from modification times.
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # not installed, or it cannot tell offline
+        pass
+    found = [s for s in snapshots.iterdir() if (s / "config.json").is_file()]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise ModelError(
+            f"--model {name}: the HuggingFace cache {repo} holds {len(found)} snapshots "
+            f"({', '.join(sorted(s.name[:12] for s in found))}) and no refs/main to say which "
+            "is current; pass the snapshot directory itself as --model")
     return None
 
 

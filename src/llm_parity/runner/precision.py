@@ -42,13 +42,20 @@ class Run:
     token_ids: list[list[int]]
     timings: dict[str, float] = field(default_factory=dict)
     card: dict[str, Any] = field(default_factory=dict)
+    # Kept open for the public fixtures when a test asks for them (closed at session end).
+    engines: dict[str, Any] = field(default_factory=dict)
+    tokenizer: Any = None
+    reference_spec: EngineSpec | None = None
 
 
 def platform_of(device: str) -> str:
     return device.split(":")[0]
 
 
-def run_precision(settings: Settings, environment: dict[str, Any]) -> Run:
+def run_precision(settings: Settings, environment: dict[str, Any],
+                  kept: dict[str, Any] | None = None) -> Run:
+    """The whole precision run. With `kept` (a dict), the reference and candidate engines
+    are left open in it, by role, for the public fixtures; the caller closes them."""
     from llm_parity.runner.environment import collect_environment
     from llm_parity.runner.tokenization import load_tokenizer, tokenize_prompts
 
@@ -115,7 +122,8 @@ def run_precision(settings: Settings, environment: dict[str, Any]) -> Run:
         timings["reference_store_load_s"] = time.perf_counter() - started
     else:
         reference, reference_info = _run_engine(
-            "hf", reference_spec, token_ids, depth, k, settings, timings, "reference"
+            "hf", reference_spec, token_ids, depth, k, settings, timings, "reference",
+            kept=kept,
         )
         if store is not None:
             store.save(key, reference, reference_info)
@@ -127,7 +135,7 @@ def run_precision(settings: Settings, environment: dict[str, Any]) -> Run:
     vocab_size = len(reference["first"][0].full_logprobs)
     candidate, candidate_info = _run_engine(
         backend, candidate_spec, token_ids, depth, k, settings, timings, "candidate",
-        vocab_size=vocab_size, sequences=depth_sequences,
+        vocab_size=vocab_size, sequences=depth_sequences, kept=kept,
     )
 
     thresholds = settings.thresholds(platform_of(candidate_info["device"]),
@@ -171,6 +179,9 @@ def run_precision(settings: Settings, environment: dict[str, Any]) -> Run:
         token_ids=token_ids,
         timings=timings,
         card=card,
+        engines=kept if kept is not None else {},
+        tokenizer=tokenizer,
+        reference_spec=reference_spec,
     )
 
 
@@ -253,7 +264,7 @@ def _reference_store(settings, reference_model, card, token_ids, depth, spec):
     if settings.reference_store is None:
         return None, None
     from llm_parity.runner.environment import package_version
-    from llm_parity.runner.golden import ReferenceStore, build_key, tokenizer_hash
+    from llm_parity.runner.golden import ReferenceStore, build_key, code_hash, tokenizer_hash
     from llm_parity.runner.models import checkpoint_hash
 
     key = build_key(
@@ -266,6 +277,9 @@ def _reference_store(settings, reference_model, card, token_ids, depth, spec):
         device=spec.device,
         versions={"torch": package_version("torch"),
                   "transformers": package_version("transformers")},
+        trust_remote_code=settings.trust_remote_code,
+        code_sha256=code_hash(reference_model.path),
+        attn_implementation=spec.options.get("attn_implementation"),
     )
     return ReferenceStore(settings.reference_store), key
 
@@ -281,6 +295,7 @@ def _run_engine(
     role: str,
     vocab_size: int | None = None,
     sequences: list[list[int]] | None = None,
+    kept: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Build one engine, make each kind of call once over every prompt, release it.
 
@@ -310,8 +325,13 @@ def _run_engine(
                 answers["decode"] = engine.greedy(prompt_ids, settings.continuation, k)
             timings[f"{role}_depth_s"] = time.perf_counter() - started
         info = engine.describe()
-    finally:
+    except BaseException:
         engine.close()
+        raise
+    if kept is None:
+        engine.close()
+    else:
+        kept[role] = engine
     first = answers["first"]
     if len(first) != len(token_ids):
         raise EngineError(f"{spec.role}: answered {len(first)} prompts of {len(token_ids)}")

@@ -18,6 +18,10 @@ class ParitySession:
         self.environment: dict[str, Any] = {}
         self.attempted = False
         self.verdict: dict[str, Any] | None = None  # built once, at the end of the session
+        # Set when a test asks for the loaded engines (the public fixtures): the run then
+        # leaves them open here, and close_engines() releases them at the end.
+        self.keep_engines = False
+        self.engines: dict[str, Any] = {}
 
     def gate_names(self) -> list[str]:
         """Every gate name the file can produce, on any platform, for this model."""
@@ -31,7 +35,8 @@ class ParitySession:
         if not self.attempted:
             self.attempted = True
             try:
-                self.run = run_precision(self.settings, self.environment)
+                self.run = run_precision(self.settings, self.environment,
+                                         self.engines if self.keep_engines else None)
             except BaseException as exc:
                 self.error = exc
                 raise
@@ -39,3 +44,10 @@ class ParitySession:
             raise self.error
         assert self.run is not None
         return self.run
+
+    def close_engines(self) -> None:
+        """Release the engines kept for the public fixtures, the candidate first."""
+        for role in ("candidate", "reference"):
+            engine = self.engines.pop(role, None)
+            if engine is not None:
+                engine.close()

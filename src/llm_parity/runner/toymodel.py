@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from llm_parity import DATA_DIR
+from llm_parity.config.checkpoint import TOKENIZER_FILES
 
 __all__ = [
     "PLEIAS_CONFIG",
@@ -74,8 +75,6 @@ PLEIAS_CONFIG: dict = {
 PLEIAS_NUM_TENSORS = 236
 PLEIAS_NUM_PARAMETERS = 353_424_384
 
-# Tokenizer files copied from the toy model into a Pleias-shaped checkpoint.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def toy_model_dir() -> Path:
@@ -175,8 +174,9 @@ def write_pleias_shape(dest: Path, seed: int = 0) -> Path:
         "transformers_version": config["transformers_version"],
     }
     (dest / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    for name in _TOKENIZER_FILES:
-        shutil.copyfile(toy_model_dir() / name, dest / name)
+    for name in TOKENIZER_FILES:  # the ones the toy model has
+        if (toy_model_dir() / name).is_file():
+            shutil.copyfile(toy_model_dir() / name, dest / name)
     return dest
 
 
