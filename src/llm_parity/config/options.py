@@ -243,7 +243,7 @@ def _store_path(value: str | None) -> Path | None:
 
 def _candidate_url(raw: dict[str, Any], candidate: str) -> str | None:
     """A served candidate: --candidate openai and --candidate-url go together."""
-    from llm_parity.engines.openai import DEFAULT_API_KEY_ENV, check_server_url
+    from llm_parity.engines.openai.client import DEFAULT_API_KEY_ENV, check_server_url
 
     url = raw["candidate-url"]
     if candidate == "openai" and not url:
