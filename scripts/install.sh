@@ -15,7 +15,7 @@ if [ "${1:-}" = "--tf451" ]; then
   pins=("transformers==4.51.3")
 else
   venv=.venv
-  extras="cpu,test"
+  extras="cpu,real-model,test"
   pins=()
 fi
 

@@ -14,15 +14,16 @@ import subprocess
 import sys
 
 import pytest
-from conftest import needs_vllm
+from conftest import junit_cases, needs_vllm
 
 from llm_parity.runner.toymodel import toy_model_dir
 from llm_parity.testing.mutants import BENIGN, BROKEN, FOUNDING_GATES, detection, make_mutant
 
 pytestmark = [pytest.mark.engine]
 
-# Filled as the runs go, read by the last test: {name: detection row}.
-RESULTS: dict[str, dict] = {}
+# The broken ports the founding protocol's four gates let through (measured: see
+# docs/notes/depth.md); their own test shows the deeper views catching them.
+FOUNDING_MISSES = ("rope_llama3", "untied_head_scaled")
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +50,7 @@ def golden(tmp_path_factory):
         cwd=where, capture_output=True, text=True,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-
-    RESULTS["correct"] = detection(json.loads((where / "verdict.json").read_text()))
+    assert not detection(json.loads((where / "verdict.json").read_text()))["suite_caught"]
     return store
 
 
@@ -62,13 +62,16 @@ def run_candidate(pytester, golden, model, name):
     )
 
     verdict = json.loads((pytester.path / "verdict.json").read_text())
-    row = detection(verdict)
-    RESULTS[name] = row
-    return result, verdict, row
+    return result, verdict, detection(verdict)
+
+
+def failed_tests(pytester) -> set[str]:
+    return {name for name, (outcome, _) in junit_cases(pytester.path / "junit.xml").items()
+            if outcome in ("failure", "error")}
 
 
 @needs_vllm
-@pytest.mark.parametrize("name", BROKEN)
+@pytest.mark.parametrize("name", [n for n in BROKEN if n not in FOUNDING_MISSES])
 def test_a_broken_port_fails_with_the_gate_that_caught_it(pytester, models, golden, name,
                                                           read_json):
     result, verdict, row = run_candidate(pytester, golden, models[name], name)
@@ -78,10 +81,17 @@ def test_a_broken_port_fails_with_the_gate_that_caught_it(pytester, models, gold
     assert row["failed_gates"] or row["failed_prompt_gates"]
     out = result.stdout.str()
     assert "verdict: FAIL" in out
-    # The failure message of a caught gate is on screen, with its threshold.
-    first = (row["failed_gates"] or [None])[0]
-    if first:
-        result.stdout.fnmatch_lines([f"*gate {first}: *must be*"])
+    # Verdict and JUnit name the same failures: each failed gate is a failed test_gate,
+    # with its failure message (and threshold) on screen, and the other way round.
+    failed = failed_tests(pytester)
+    assert {f"test_gate[{g}]" for g in row["failed_gates"]} == {
+        n for n in failed if n.startswith("test_gate[")}
+    for gate in row["failed_gates"]:
+        assert f"gate {gate}: " in out and "must be" in out
+    views = {"prompts": "test_prompt", "sequences": "test_sequence", "decodes": "test_decode"}
+    failing_prompts = {f"{views[key]}[{entry['id']}]" for key in views
+                       for entry in verdict[key] if not entry["passed"]}
+    assert failing_prompts == {n for n in failed if not n.startswith("test_gate[")}
     # The reference came from the store: no float32 model was loaded for this run.
     assert "reference_store_load_s" in verdict["timings"]
     assert "reference_load_s" not in verdict["timings"]
@@ -96,14 +106,13 @@ def test_a_benign_change_passes(pytester, models, golden, name):
 
 
 @needs_vllm
-def test_the_full_suite_catches_what_the_founding_protocol_lets_through(golden):
-    missing = [n for n in (*BROKEN, *BENIGN) if n not in RESULTS]
-    if missing:
-        pytest.skip(f"needs the detection runs above; not run: {', '.join(missing)}")
-    assert not RESULTS["correct"]["suite_caught"]
-    founding = [n for n in BROKEN if RESULTS[n]["founding_caught"]]
-    suite = [n for n in BROKEN if RESULTS[n]["suite_caught"]]
-    assert suite == list(BROKEN)
-    assert len(founding) < len(suite), (
-        f"the founding gates ({', '.join(FOUNDING_GATES)}) alone caught every broken port; "
-        "the catalogue no longer shows what the deeper views add")
+@pytest.mark.parametrize("name", FOUNDING_MISSES)
+def test_the_full_suite_catches_what_the_founding_protocol_lets_through(
+        pytester, models, golden, name, read_json):
+    """Stands on its own: the founding gates pass this broken port, the deeper views fail it."""
+    result, verdict, row = run_candidate(pytester, golden, models[name], name)
+    read_json(pytester.path / "verdict.json")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED and row["suite_caught"]
+    assert not row["founding_caught"], row["failed_gates"]
+    assert set(row["failed_gates"]) - set(FOUNDING_GATES) or row["failed_prompt_gates"]
+    assert all(f"test_gate[{g}]" not in failed_tests(pytester) for g in FOUNDING_GATES)

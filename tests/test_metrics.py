@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 
 import numpy as np
 import pytest
@@ -21,7 +20,6 @@ from llm_parity.compare.metrics import (
     PositionComparison,
     aggregate,
     compare_position,
-    summary,
 )
 
 LN2 = math.log(2.0)
@@ -473,30 +471,3 @@ def test_aggregate_rejects_nan_naming_the_aggregate(how):
 def test_aggregate_rejects_unknown_name():
     with pytest.raises(ValueError, match="unknown aggregate 'avg'"):
         aggregate([1.0], "avg")
-
-
-def test_summary_matches_statistics_module():
-    result = summary(VALUES)
-    assert result["n"] == 10
-    assert result["mean"] == pytest.approx(statistics.fmean(VALUES))
-    assert result["std"] == pytest.approx(statistics.stdev(VALUES))
-    assert result["sem"] == pytest.approx(statistics.stdev(VALUES) / math.sqrt(10))
-    assert (result["min"], result["max"]) == (0.1, 1.0)
-    assert result["p50"] == pytest.approx(statistics.median(VALUES))
-    assert result["p95"] == pytest.approx(0.955)
-    assert result["p99"] == pytest.approx(0.991)
-    assert json.loads(json.dumps(result)) == result
-
-
-def test_summary_single_value_has_no_spread():
-    result = summary([0.25])
-    assert result["n"] == 1
-    assert result["std"] is None and result["sem"] is None
-    assert result["mean"] == result["min"] == result["max"] == result["p99"] == 0.25
-
-
-def test_summary_rejects_empty_and_nan():
-    with pytest.raises(ValueError, match="no values"):
-        summary([])
-    with pytest.raises(ValueError, match="NaN at index 1"):
-        summary([0.1, math.nan])

@@ -97,3 +97,22 @@ def test_card_and_hash_of_the_toy_model():
     assert (card["parameters"], card["tensors"]) == (4_196_608, 38)
     digest = checkpoint_hash(toy_model_dir())
     assert len(digest) == 64 and digest == checkpoint_hash(toy_model_dir())
+
+
+def test_the_checkpoint_hash_covers_config_and_weights(tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(toy_model_dir(), copy)
+    base = checkpoint_hash(copy)
+    assert base == checkpoint_hash(toy_model_dir())  # the same bytes, wherever they lie
+    config = copy / "config.json"
+    original = config.read_text()
+    config.write_text(original.replace('"rope_theta"', '"rope_theta" ', 1))
+    assert checkpoint_hash(copy) != base  # config.json is hashed
+    config.write_text(original)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert checkpoint_hash(copy) != base  # so are the weights

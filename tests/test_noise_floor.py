@@ -161,16 +161,16 @@ def test_conservative_gate_reads_the_unsafe_end_of_the_interval_over_prompts(tmp
 
     from llm_parity.compare.gates import Thresholds
 
-    if high > point:
-        middle = (point + high) / 2
-        gates = tuple(replace(g, threshold=middle) if g.name == "kl_p95_safe" else g
-                      for g in session.run.thresholds.gates)
-        strict: Thresholds = replace(session.run.thresholds, gates=gates)
-        precision = rejudge(session, strict)
-        assert not gate(precision, "kl_p95_safe").passed
-        loose = tuple(replace(g, conservative=False) for g in gates)
-        precision = rejudge(session, replace(strict, gates=loose))
-        assert gate(precision, "kl_p95_safe").passed
+    assert high > point  # 6 prompts of unequal noise: the interval has room above
+    middle = (point + high) / 2
+    gates = tuple(replace(g, threshold=middle) if g.name == "kl_p95_safe" else g
+                  for g in session.run.thresholds.gates)
+    strict: Thresholds = replace(session.run.thresholds, gates=gates)
+    precision = rejudge(session, strict)
+    assert not gate(precision, "kl_p95_safe").passed
+    loose = tuple(replace(g, conservative=False) for g in gates)
+    precision = rejudge(session, replace(strict, gates=loose))
+    assert gate(precision, "kl_p95_safe").passed
 
 
 def test_every_run_gate_over_several_prompts_reports_an_interval(tmp_path):

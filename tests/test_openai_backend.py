@@ -93,7 +93,12 @@ class FakeServer:
             return {f"tok{token}": lp for token, lp in pairs}
         if self.mode == "outside_vocab":
             pairs[0] = (VOCAB + 5, pairs[0][1])
-        return {f"token_id:{token}": lp for token, lp in pairs}
+        if self.mode == "raw_logits":  # a server configured to return logits
+            pairs = [(token, lp + 12.0) for token, lp in pairs]
+        answer = {f"token_id:{token}": lp for token, lp in pairs}
+        if self.mode == "null_logprob":
+            answer[f"token_id:{pairs[1][0]}"] = None
+        return answer
 
     def completion(self, body: dict) -> tuple[int, dict]:
         if self.mode == "slow":
@@ -395,6 +400,23 @@ def test_logprobs_keyed_by_text_are_refused():
     with FakeServer("text_keys") as server:
         with pytest.raises(EngineError, match="keyed by token text .* return_tokens_as_token_ids"):
             OpenAIEngine(spec_for(server.url)).next_token([PROMPTS[0]], 20)
+
+
+def test_a_server_returning_raw_logits_is_refused_before_any_metric():
+    from llm_parity.compare.answers import check_next_token
+    from llm_parity.errors import AnswerError
+
+    with FakeServer("raw_logits") as server:
+        (answer,) = OpenAIEngine(spec_for(server.url)).next_token([[1, 2, 3]], 5)
+    with pytest.raises(AnswerError, match=r"prompt p1: top-k log-prob .* is above 0"):
+        check_next_token(answer, k=5, vocab_size=VOCAB, where="candidate (openai), prompt p1")
+
+
+def test_a_null_log_prob_is_named_not_a_type_error():
+    with FakeServer("null_logprob") as server:
+        with pytest.raises(EngineError, match=r"prompt #1: the server gave no "
+                                              r"log-prob \(null\) for token \d+"):
+            OpenAIEngine(spec_for(server.url)).next_token([[1, 2, 3]], 5)
 
 
 def test_token_outside_the_reference_vocabulary_is_refused():

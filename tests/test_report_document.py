@@ -83,7 +83,9 @@ def test_gate_table_has_threshold_measured_and_result(mixed):
     by_name = {r[0]: r for r in rows}
     top1 = by_name["top1_match_rate"]
     assert top1[4] == "≥ 0.99"
-    assert top1[5] == f"{4 / 6:.4g}"  # the defect and the near-tie both flip
+    # The defect counts; the near-tie flip is excused by the founding gate (and said so).
+    assert top1[5] == f"{5 / 6:.4g}"
+    assert "counts a top-1 flip inside the near-tie margin as a match" in render_verdict(data)
     low, high = next(g["interval"] for g in data["gates"] if g["name"] == "top1_match_rate")
     assert top1[6] == f"{low:.4g} to {high:.4g}"  # resampling prompts
     assert top1[7] == "FAIL"
@@ -122,7 +124,7 @@ def test_error_analysis_is_computed_from_the_data(mixed):
     md = render_verdict(data)
     analysis = md.split("## Error analysis", 1)[1].split("##", 1)[0]
     assert ("First token: 2 of 6 prompts flipped top-1; 1 were near-ties (reference margin "
-            "below 0.2), 1 were defects.") in analysis
+            "below 0.3), 1 were defects.") in analysis
     assert "p-01: reference" in analysis and "(defect)" in analysis
     assert "p-02: reference" in analysis and "(near-tie)" in analysis
     worst_kl = max(data["prompts"], key=lambda p: p["kl"])

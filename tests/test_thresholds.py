@@ -34,9 +34,12 @@ def test_packaged_defaults_are_the_founding_gates():
     assert depth == {"sequence_kl_mean": "sequence", "sequence_kl_p99": "sequence",
                      "sequence_top1_defect_rate": "sequence", "decode_kl_mean": "decode",
                      "decode_top1_defect_rate": "decode", "sequence_kl_vs_floor": "sequence",
-                     "decode_kl_vs_floor": "decode"}
+                     "decode_kl_vs_floor": "decode", "sequence_tail_vs_floor": "sequence"}
     relative = {g.name for g in t.gates if g.relative_to == "noise_floor"}
-    assert relative == {"kl_vs_floor", "sequence_kl_vs_floor", "decode_kl_vs_floor"}
+    assert relative == {"kl_vs_floor", "sequence_kl_vs_floor", "decode_kl_vs_floor",
+                        "sequence_tail_vs_floor"}
+    # The founding top-1 rate, with near-tie flips excused (docs/notes/real-model.md).
+    assert gates["top1_match_rate"].excuse_near_ties and t.near_tie_margin == 0.3
     # The founding performance grid: 4 eager cases, 3 compiled.
     assert [c.id for c in t.grid] == [
         "eager-in16-out100", "eager-in32-out100", "eager-in64-out100", "eager-in128-out100",
@@ -210,3 +213,28 @@ min = 0.99
     with pytest.raises(ThresholdsError, match="merged with") as info:
         ThresholdsFile.read(path)  # no platform or model asked: every section is checked
     assert str(path) in str(info.value) and message in str(info.value)
+
+
+def test_a_near_tie_flip_is_excused_only_by_a_gate_that_says_so():
+    from dataclasses import replace
+
+    from synthetic import make_session, rejudge
+
+    session = make_session(prompts=8, near_tie_prompts=(2,), defect_prompts=(5,))
+    precision = session.run.precision
+    gate = next(g for g in precision.gate_results if g.gate.name == "top1_match_rate")
+    assert gate.gate.excuse_near_ties  # the packaged founding gate
+    assert gate.value == 7 / 8  # the defect on p-05 counts, the near-tie on p-02 does not
+    assert precision.aggregate()["top1_match_rate"] == 6 / 8  # reported as flipped
+    strict = replace(session.run.thresholds, gates=tuple(
+        replace(g, excuse_near_ties=False) for g in session.run.thresholds.gates))
+    plain = next(g for g in rejudge(session, strict).gate_results
+                 if g.gate.name == "top1_match_rate")
+    assert plain.value == 6 / 8
+
+
+def test_excuse_near_ties_fits_top1_match_only():
+    data = {"precision": {"gates": {"g": {"metric": "kl", "excuse_near_ties": True,
+                                          "max": 0.1}}}}
+    with pytest.raises(ThresholdsError, match="excuse_near_ties applies to metric 'top1_match'"):
+        resolve_thresholds(data, source="t.toml")

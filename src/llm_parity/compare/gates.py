@@ -42,7 +42,8 @@ PERFORMANCE_METRICS: dict[str, bool] = {
 
 # Metrics a gate may read relative to the bf16 noise floor: lower is better and 0 is
 # perfect, so "candidate / floor" says how many times worse than bf16 alone it is.
-RELATIVE_METRICS = ("kl", "js", "mae", "rel_error", "kl_full", "js_full", "mae_full")
+RELATIVE_METRICS = ("kl", "js", "mae", "rel_error", "kl_full", "js_full", "mae_full",
+                    "p_tail")
 NOISE_FLOOR = "noise_floor"
 
 PLATFORMS = ("npu", "cuda", "cpu", "xpu")
@@ -54,6 +55,7 @@ VIEWS = ("first_token", "sequence", "decode")
 # Metrics (and performance figures) where larger is better; for the rest 0 or less is.
 HIGHER_IS_BETTER = frozenset({"top1_match", "cosine", "cosine_full", "spearman",
                               "throughput_tok_s", "speedup"})
+QUANTILES = {"p95": 0.95, "p99": 0.99}  # the aggregates that are upper quantiles
 _AGGREGATE_SUFFIXES = ("_mean", "_median", "_min", "_max", "_p95", "_p99", "_rate")
 
 
@@ -79,6 +81,9 @@ class Gate:
     mode: str | None = None  # performance gates: only the grid cases of this execution mode
     relative_to: str | None = None  # "noise_floor": the value is candidate / bf16 floor
     conservative: bool = False  # read the unsafe end of the bootstrap interval over prompts
+    # top1_match only: a flip inside the near-tie margin counts as a match (it is reported,
+    # but bf16 rounding alone flips such tokens; see docs/notes/real-model.md)
+    excuse_near_ties: bool = False
 
     def check(self, value: float) -> bool:
         if math.isnan(value):
@@ -87,7 +92,7 @@ class Gate:
 
     def evaluate(self, values: Sequence[float] | Sequence[bool]) -> GateResult:
         value = aggregate(values, self.aggregate)
-        return GateResult(self, value, self.check(value))
+        return GateResult(self, value, self.check(value), count=len(values))
 
     @property
     def symbol(self) -> str:
@@ -106,9 +111,25 @@ class GateResult:
     # Gates relative to the noise floor: the candidate's own aggregate and the floor's.
     candidate_value: float | None = None
     floor_value: float | None = None
+    count: int | None = None  # how many values the aggregate read
+
+    @property
+    def note(self) -> str | None:
+        """A quantile read over fewer values than it needs to differ from the maximum."""
+        q = QUANTILES.get(self.gate.aggregate)
+        if q is None or self.count is None or self.count >= 1 / (1 - q):
+            return None
+        return (f"{self.gate.aggregate} over {self.count} values (fewer than "
+                f"{round(1 / (1 - q))}) is an interpolated maximum")
 
     def as_dict(self) -> dict[str, Any]:
         extra: dict[str, Any] = {}
+        if self.count is not None:
+            extra["count"] = self.count
+        if self.gate.excuse_near_ties:
+            extra["excuse_near_ties"] = True
+        if self.note:
+            extra["note"] = self.note
         if self.gate.relative_to:
             extra.update(relative_to=self.gate.relative_to, candidate_value=self.candidate_value,
                          floor_value=self.floor_value)

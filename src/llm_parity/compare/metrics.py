@@ -25,7 +25,6 @@ __all__ = [
     "PositionComparison",
     "aggregate",
     "compare_position",
-    "summary",
 ]
 
 TAIL_EPS = 1e-10
@@ -187,29 +186,6 @@ def aggregate(values: Sequence[float] | Sequence[bool] | ArrayLike, how: str) ->
     if how == "max":
         return float(np.max(array))
     return float(np.percentile(array, 95 if how == "p95" else 99))
-
-
-def summary(values: Sequence[float] | ArrayLike) -> dict:
-    """Distribution statistics of per-position values: a mean alone hides the one bad position.
-
-    Keys: n, mean, std (sample, ddof=1), sem (std / sqrt(n)), min, p50, p95, p99, max.
-    std and sem are None when n < 2.
-    """
-    array = _numeric_values(np.asarray(values), "summary")
-    n = array.size
-    std = float(np.std(array, ddof=1)) if n > 1 else None
-    p50, p95, p99 = (float(v) for v in np.percentile(array, [50, 95, 99]))
-    return {
-        "n": n,
-        "mean": float(np.mean(array)),
-        "std": std,
-        "sem": std / math.sqrt(n) if std is not None else None,
-        "min": float(np.min(array)),
-        "p50": p50,
-        "p95": p95,
-        "p99": p99,
-        "max": float(np.max(array)),
-    }
 
 
 def _logprob_vector(values: ArrayLike, side: str) -> NDArray[np.float64]:

@@ -60,6 +60,10 @@ class NoiseFloor:
         return [v for prompt in self.views.get(view, {}).values()
                 for v in prompt.get(metric, [])]
 
+    def has(self, metric: str, view: str) -> bool:
+        """Whether the floor kept this metric in this view (an older store may not)."""
+        return any(metric in prompt for prompt in self.views.get(view, {}).values())
+
     def prompt_values(self, metric: str, view: str, prompt_id: str) -> list[float]:
         return self.views.get(view, {}).get(prompt_id, {}).get(metric, [])
 

@@ -73,6 +73,13 @@ class PromptResult:
     def values(self, metric: str) -> list[Any]:
         return [p.value(metric) for p in self.positions]
 
+    def gate_values(self, gate: Gate) -> list[Any]:
+        """What a gate reads here: the metric, with near-tie flips counted as matches when
+        the gate excuses them."""
+        if gate.excuse_near_ties:
+            return [bool(p.comparison.top1_match) or p.near_tie for p in self.positions]
+        return self.values(gate.metric)
+
 
 @dataclass(frozen=True)
 class NotJudged:
@@ -238,13 +245,14 @@ def judge(
     noise_floor: Any = None,
     floor_missing: str | None = None,
     depth_missing: str | None = None,
+    strict: bool = False,
 ) -> PrecisionResult:
     """Judge every gate once on the compared views and return the whole, frozen result.
 
     A gate that cannot be judged (no floor, no depth positions, a full-vocabulary metric on
     a top-k candidate) is listed in `not_judged` with its reason, never silently dropped.
     """
-    strict = thresholds.strict
+    strict = strict or thresholds.strict
     not_judged: list[NotJudged] = []
 
     def why_not(gate: Gate, values_known: bool) -> str | None:
@@ -252,6 +260,10 @@ def judge(
             return depth_missing or f"no {gate.over} positions were compared"
         if gate.relative_to and noise_floor is None:
             return f"it reads the noise floor, which was not measured: {floor_missing}"
+        if gate.relative_to and not noise_floor.has(gate.metric, gate.over):
+            return (f"the noise floor holds no {gate.metric} values over {gate.over} (a "
+                    "golden store written by an older version: rewrite it with "
+                    "--reference-store-update)")
         if not values_known:
             return (f"metric {gate.metric} needs a candidate that exposes the full vocabulary "
                     "(e.g. --candidate hf)")
@@ -265,7 +277,7 @@ def judge(
             for gate in thresholds.prompt_gates:
                 if gate.over != view:
                     continue
-                values = prompt.values(gate.metric)
+                values = prompt.gate_values(gate)
                 if why_not(gate, all(v is not None for v in values)) is None:
                     result = _evaluate(gate, values)
                     if gate.relative_to:
@@ -283,7 +295,7 @@ def judge(
 
     gate_results = []
     for gate in thresholds.gates:
-        groups = [p.values(gate.metric) for p in views.get(gate.over, ())]
+        groups = [p.gate_values(gate) for p in views.get(gate.over, ())]
         reason = why_not(gate, all(v is not None for g in groups for v in g))
         if reason:
             not_judged.append(NotJudged(gate, reason, strict))
@@ -323,7 +335,8 @@ def _evaluate_groups(gate: Gate, groups: list[list[Any]]) -> GateResult:
         return result
     point, low, high = bootstrap_ci(usable, gate.aggregate)
     value = conservative(point, low, high, gate.bound) if gate.conservative else point
-    return GateResult(gate, value, gate.check(value), point=point, interval=(low, high))
+    return GateResult(gate, value, gate.check(value), point=point, interval=(low, high),
+                      count=len(values))
 
 
 def _relative(result: GateResult, candidate_groups: list[list[float]],
@@ -350,4 +363,5 @@ def _relative(result: GateResult, candidate_groups: list[list[float]],
                                            gate.aggregate, ratio)
         interval = (low, high)
     return GateResult(gate, value, gate.check(value), point=point, interval=interval,
-                      candidate_value=candidate_value, floor_value=floor_value)
+                      candidate_value=candidate_value, floor_value=floor_value,
+                      count=len(cand))

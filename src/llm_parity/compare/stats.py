@@ -1,4 +1,5 @@
-"""Statistics over per-position values grouped by prompt: intervals, position profile, trend.
+"""Statistics over per-position values grouped by prompt: bootstrap intervals, the
+conservative end, and the paired interval of a ratio to the noise floor.
 
 Positions of one prompt are not independent draws (they share a context, and a defect in
 a prompt shows at many of its positions), so every interval here resamples whole prompts,

@@ -76,6 +76,9 @@ OPTIONS = (
            1, "int"),
     Option("--trust-remote-code", "allow the checkpoint's own Python code (default: off)",
            False, "bool"),
+    Option("--strict-gates", "a gate this run cannot judge (no noise floor, no depth, a "
+           "full-vocabulary metric on a top-k candidate) fails instead of being listed as "
+           "not judged; also strict = true under [precision] (default: off)", False, "bool"),
 )
 
 
@@ -104,6 +107,7 @@ class Settings:
     noise_floor: str = "auto"  # auto, on, off
     reference_store: Path | None = None
     reference_store_update: bool = False
+    strict_gates: bool = False
     # The thresholds file parsed and validated once (read from thresholds_path when not given).
     thresholds_file: ThresholdsFile = None  # type: ignore[assignment]
 
@@ -222,6 +226,7 @@ def build_settings(raw: dict[str, Any], rootdir: Path) -> Settings:
         noise_floor=noise_floor,
         reference_store=reference_store,
         reference_store_update=bool(raw["reference-store-update"]),
+        strict_gates=bool(raw["strict-gates"]),
         thresholds_file=thresholds_file,
     )
 

@@ -1,4 +1,4 @@
-"""Gates read from thresholds.toml: parsing, validation and evaluation.
+"""Gates read from thresholds.toml: parsing and validation, once per session.
 
 The file is plain TOML read with tomllib, never executed. Every table and key is checked
 against the schema below before any model is loaded; a mistake names the file, the key
@@ -38,6 +38,7 @@ from llm_parity.compare.metrics import AGGREGATES
 from llm_parity.errors import ThresholdsError
 
 _GATE_KEYS = ("metric", "aggregate", "min", "max", "over", "mode", "enabled", "description",
+              "excuse_near_ties",
               "relative_to", "conservative")
 _TOP_KEYS = ("schema_version", "precision", "performance", "platforms", "models")
 _PRECISION_KEYS = ("gates", "prompt_gates", "near_tie_margin", "strict")
@@ -217,6 +218,7 @@ def _build_gates(
                 mode=table.get("mode"),
                 relative_to=table.get("relative_to"),
                 conservative=bool(table.get("conservative", False)),
+                excuse_near_ties=bool(table.get("excuse_near_ties", False)),
             )
         )
     return tuple(gates)
@@ -393,6 +395,13 @@ def _validate_gate(
         if ".prompt_gates." in where or metrics is PERFORMANCE_METRICS:
             raise _fail(source, where, "conservative applies to precision gates across "
                         "prompts ([precision.gates]), whose interval resamples prompts")
+    if "excuse_near_ties" in gate:
+        if not isinstance(gate["excuse_near_ties"], bool):
+            raise _fail(source, where, f"excuse_near_ties must be true or false, got "
+                        f"{gate['excuse_near_ties']!r}")
+        if gate.get("metric") is not None and gate["metric"] != "top1_match":
+            raise _fail(source, where, f"excuse_near_ties applies to metric 'top1_match', "
+                        f"not {gate['metric']!r}")
     if "enabled" in gate and not isinstance(gate["enabled"], bool):
         raise _fail(source, where, f"enabled must be true or false, got {gate['enabled']!r}")
     if "description" in gate and not isinstance(gate["description"], str):

@@ -68,6 +68,9 @@ def _raw_options(config: pytest.Config) -> tuple[dict[str, Any], bool]:
 def pytest_configure(config: pytest.Config) -> None:
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
+    # torch's own deprecation, raised whenever vLLM imports it: noise in every user's run.
+    config.addinivalue_line(
+        "filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
     if config.getoption("help", False) or config.getoption("version", False):
         return
     from llm_parity.runner.session import ParitySession

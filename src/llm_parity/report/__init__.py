@@ -1,1 +1,1 @@
-"""report"""
+"""Everything a person or dashboard reads, rendered from one verdict dict."""

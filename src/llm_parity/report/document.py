@@ -173,9 +173,25 @@ def _gates(data: dict[str, Any]) -> list[Block]:
         blocks.append(Para("A gate read against the noise floor divides the candidate's value "
                            "by what Transformers in the candidate's dtype gives against the "
                            "same reference: 1 means as close as bf16 rounding allows."))
+    excusing = [g["name"] for g in data["gates"] if g.get("excuse_near_ties")]
+    if excusing:
+        blocks.append(Para(f"{', '.join(excusing)} counts a top-1 flip inside the near-tie "
+                           "margin as a match: bf16 rounding alone flips such tokens. Every "
+                           "flip is still listed below, near-ties apart from defects."))
     if any(g.get("conservative") for g in data["gates"]):
         blocks.append(Para("A conservative gate is judged at the failing end of its interval, "
                            "so a pass does not rest on a lucky draw of prompts."))
+    not_judged = data.get("not_judged") or []
+    if not_judged:
+        strict = any(n.get("strict") for n in not_judged)
+        blocks.append(Para("**Not judged.** These gates could not be judged in this run, so "
+                           "its verdict says nothing about them"
+                           + (" (strict: each counts as a failure):" if strict else ":")))
+        blocks.append(Table(["gate", "scope", "over", "metric", "threshold", "why"], [
+            [n["name"], n.get("scope", ""), _VIEW_NAMES.get(n.get("over"), n.get("over")),
+             n["metric"], _bound(n), n["reason"]] for n in not_judged]))
+    if data.get("verdict_reasons"):
+        blocks.append(Bullets([f"Verdict: {reason}." for reason in data["verdict_reasons"]]))
     prompt_rows = _prompt_gate_rows(data)
     if prompt_rows:
         blocks.append(Para("Per-prompt gates hold on every prompt on its own, so one bad "

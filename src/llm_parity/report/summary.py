@@ -29,6 +29,9 @@ def precision_summary(data: Mapping[str, Any]) -> list[str]:
         "",
     ]
     lines += _gates_table(data.get("gates") or [])
+    for gate in data.get("gates") or []:
+        if gate.get("note"):
+            lines.append(f"note: {gate['name']}: {gate['note']}")
     for entry in data.get("not_judged") or []:
         lines.append(f"NOT JUDGED {entry['name']} ({entry['scope']}, over {entry['over']}): "
                      f"{entry['reason']}" + ("; strict = true makes this a failure"
@@ -46,7 +49,9 @@ def precision_summary(data: Mapping[str, Any]) -> list[str]:
     prompts = data.get("prompts") or []
     flips = [p for p in prompts if not p.get("top1_match")]
     near = sum(1 for p in flips if p.get("near_tie"))
-    lines.append(f"top-1 flips: {len(flips)} ({near} near-ties, {len(flips) - near} defects)")
+    excusing = [g["name"] for g in data.get("gates") or [] if g.get("excuse_near_ties")]
+    lines.append(f"top-1 flips: {len(flips)} ({near} near-ties, {len(flips) - near} defects)"
+                 + (f"; near-ties excused by {', '.join(excusing)}" if near and excusing else ""))
     worst = sorted((p for p in prompts if p.get("kl") is not None), key=lambda p: -p["kl"])[:3]
     lines.append("worst KL: " + ", ".join(f"{p['id']} {fmt(p['kl'])}" for p in worst))
     lines += _depth_lines(data)

@@ -113,7 +113,9 @@ def verdict_dict(session: ParitySession) -> dict[str, Any]:
                      "long_prompts": (session.settings.long_prompts.name
                                       if session.settings.long_prompts else None),
                      "near_tie_margin": precision.near_tie_margin,
-                     "strict": run.thresholds.strict,
+                     "strict": run.thresholds.strict or settings.strict_gates,
+                     "trust_remote_code": settings.trust_remote_code,
+                     "tensor_parallel_size": settings.tensor_parallel_size,
                      "thresholds": run.thresholds.source},
         "aggregate": precision.aggregate(),
         "gates": [gate_dict(r) for r in precision.gate_results],

@@ -1,1 +1,2 @@
-"""runner"""
+"""Running the engines: model resolution, tokenization, the precision and performance
+runs, golden stores, stand-in checkpoints."""

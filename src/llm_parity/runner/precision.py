@@ -238,6 +238,7 @@ class _Comparison:
             floor_missing=floor_skip_reason(self.settings) or "it was not measured",
             depth_missing=None if self.depth else (
                 "the depth views did not run (--continuation 0)"),
+            strict=self.settings.strict_gates,
         )
 
 

@@ -138,7 +138,12 @@ def _convert(gguf: Path, out: Path) -> None:
     # The GGUF's quantization note would make loaders expect quantized tensors; these are
     # plain bf16 now.
     config.pop("quantization_config", None)
+    config.pop("_name_or_path", None)
     config["architectures"] = ["LlamaForCausalLM"]
+    # Readable by Transformers 4.x too (the founding environment): rope_theta at the top.
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" in rope:
+        config.setdefault("rope_theta", rope["rope_theta"])
     config["torch_dtype"] = config["dtype"] = "bfloat16"
     tied = bool(config.get("tie_word_embeddings"))
     state = {key: tensor.detach().to(torch.bfloat16).contiguous()
@@ -149,3 +154,10 @@ def _convert(gguf: Path, out: Path) -> None:
     if model.generation_config is not None:
         model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    # A class every Transformers version knows, rather than the writer's own backend name.
+    tokenizer_config = out / "tokenizer_config.json"
+    data = json.loads(tokenizer_config.read_text(encoding="utf-8"))
+    data["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tokenizer_config.write_text(json.dumps(data, indent=2) + "\n")
+    for path in out.iterdir():
+        path.chmod(0o644)

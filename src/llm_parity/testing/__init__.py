@@ -1,1 +1,1 @@
-"""testing"""
+"""What only tests and benchmarks use: the catalogue of broken ports, the layout check."""

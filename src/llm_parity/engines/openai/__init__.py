@@ -280,7 +280,8 @@ class OpenAIEngine(Engine):
                     f"{self.spec.role}, {where}: log-probs keyed by token text ({key!r}), not "
                     "by id; the server must honour return_tokens_as_token_ids (vLLM does)"
                 )
-            pairs.append((int(key[len(TOKEN_ID_PREFIX):]), float(value)))
+            pairs.append((int(key[len(TOKEN_ID_PREFIX):]),
+                          self._logprob(value, key[len(TOKEN_ID_PREFIX):], where)))
         # A stable sort: exact ties keep the server's order, where vLLM puts the generated
         # token first (the offline engine orders them by vLLM's top-k rank instead).
         pairs.sort(key=lambda pair: -pair[1])
@@ -294,11 +295,21 @@ class OpenAIEngine(Engine):
         rows = []
         for key, value in entry.items():
             rank = value.get("rank") if isinstance(value, dict) else None
-            rows.append((rank if isinstance(rank, int) else 1 << 30, -float(value["logprob"]),
-                         int(key)))
+            logprob = value.get("logprob") if isinstance(value, dict) else value
+            rows.append((rank if isinstance(rank, int) else 1 << 30,
+                         -self._logprob(logprob, key, where), int(key)))
         rows.sort()
         pairs = [(token, -negative) for rank, negative, token in rows if rank <= k][:k]
         return self._view(pairs, k, where)
+
+    def _logprob(self, value: Any, token: str, where: str) -> float:
+        """One log-prob as the server sent it: a number, or an error that says what came."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            shown = "null" if value is None else repr(value)[:40]
+            raise EngineError(f"{self.spec.role}, {where}: the server gave no log-prob "
+                              f"({shown}) for token {token}; it is not answering in "
+                              "vLLM's OpenAI-compatible shape")
+        return float(value)
 
     def _view(self, pairs: list[tuple[int, float]], k: int, where: str) -> NextToken:
         wanted = min(k, self.vocab_size) if self.vocab_size else k
