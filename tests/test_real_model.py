@@ -32,10 +32,14 @@ def smollm2(tmp_path_factory) -> Path:
 
 
 def run(cwd: Path, model: Path, store: Path, *args: str) -> subprocess.CompletedProcess:
+    # The 25 founding prompts with the full 32-token depth; the long-context set (8 prompts
+    # of up to 1,900 tokens) is left to the measured run in docs/notes/real-model.md, to keep
+    # CI inside its time.
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-m", "precision",
          "--model", str(model), "--candidate", "vllm", "--reference-store", str(store),
-         "--parity-json", "verdict.json", "--junitxml", "junit.xml", *args],
+         "--long-prompts", "none", "--parity-json", "verdict.json", "--junitxml", "junit.xml",
+         *args],
         cwd=cwd, capture_output=True, text=True)
 
 
