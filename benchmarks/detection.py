@@ -5,6 +5,7 @@ suite catch, and whether benign changes pass. Each catalogue entry of
 and replayed from a golden store.
 
     .venv/bin/python benchmarks/detection.py --candidate vllm --out /tmp/detection
+    .venv/bin/python benchmarks/detection.py --model SMOLLM2_DIR --out /tmp/detection-real
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ from llm_parity.runner.toymodel import toy_model_dir
 from llm_parity.testing.mutants import BENIGN, BROKEN, CATALOGUE, detection, make_mutant
 
 
-def run_suite(out: Path, name: str, candidate: str, model: Path | None, extra: list[str]) -> dict:
+def run_suite(out: Path, name: str, candidate: str, model: Path | None, extra: list[str],
+              source: Path | None = None) -> dict:
     verdict_path = out / f"{name}.json"
     args = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-m", "precision",
             "--candidate", candidate, "--reference-store", str(out / "store"),
             "--parity-json", str(verdict_path), *extra]
+    if source is not None:
+        args += ["--model", str(source)]
     if model is not None:
         args += ["--candidate-model", str(model)]
     started = time.perf_counter()
@@ -41,6 +45,9 @@ def run_suite(out: Path, name: str, candidate: str, model: Path | None, extra: l
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--candidate", default="vllm")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="the checkpoint the catalogue breaks (default: the toy model), "
+                             "e.g. one made by `llm-parity smollm2`")
     parser.add_argument("--out", type=Path, default=Path("/tmp/llm-parity-detection"))
     parser.add_argument("--only", nargs="*", default=None, help="catalogue names to run")
     parser.add_argument("extra", nargs="*", help="more suite options, after --")
@@ -57,12 +64,14 @@ def main() -> None:
         return
     args.out.mkdir(parents=True, exist_ok=True)
     names = args.only or list(CATALOGUE)
-    rows = {"correct": run_suite(args.out, "correct", args.candidate, None, args.extra)}
+    source = args.model or toy_model_dir()
+    rows = {"correct": run_suite(args.out, "correct", args.candidate, None, args.extra,
+                                 args.model)}
     for name in names:
         target = args.out / "models" / name
         if not target.exists():
-            make_mutant(toy_model_dir(), target, name)
-        rows[name] = run_suite(args.out, name, args.candidate, target, args.extra)
+            make_mutant(source, target, name)
+        rows[name] = run_suite(args.out, name, args.candidate, target, args.extra, args.model)
         print(name, rows[name]["verdict"], rows[name]["failed_gates"], flush=True)
     (args.out / "detection.json").write_text(json.dumps(rows, indent=2))
     print_table(rows, names)

@@ -75,6 +75,11 @@ def test_size_is_four_bytes_per_vocabulary_entry_per_position(tmp_path):
     ({"first_token": [("p1", [1, 2]), ("p2", [1, 3]), ("p9", [1, 4])]},
      "first token prompts: added p9; removed p3"),
     ({"depth": [("p1", [1, 2]), ("long-1", [1, 5, 7])]}, "depth prompts: the token ids differ"),
+    # What changes the numbers as surely as the weights: the checkpoint's own code, whether
+    # it may run, and the attention kernel.
+    ({"trust_remote_code": True}, "trust_remote_code: stored False, this run True"),
+    ({"code_sha256": "d" * 64}, "code_sha256: stored None, this run dddddddddddd..."),
+    ({"attn_implementation": "sdpa"}, "attn_implementation: stored default, this run sdpa"),
 ])
 def test_a_stale_store_is_refused_naming_what_changed_and_how_to_refresh(tmp_path, change,
                                                                           expected):

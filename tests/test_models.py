@@ -62,6 +62,39 @@ def test_huggingface_cache_snapshot_is_found_offline(caches):
     assert (resolved.source, resolved.path) == ("hf-cache", snapshot)
 
 
+def test_several_snapshots_without_refs_main_are_not_guessed_by_date(caches, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_hub(name, *args, **kwargs):  # as where huggingface_hub cannot tell, offline
+        if name == "huggingface_hub":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_hub)
+    older = hf_snapshot(caches / "hf", "org/two", revision="aaaa1111")
+    newer = older.parent / "bbbb2222"
+    shutil.copytree(older, newer)
+    (older.parent.parent / "refs" / "main").unlink()
+    with pytest.raises(ModelError, match=r"holds 2 snapshots \(aaaa1111, bbbb2222\) and no "
+                                         r"refs/main"):
+        resolve_model("org/two")
+    shutil.rmtree(newer)
+    assert resolve_model("org/two").path == older  # one snapshot: no doubt which
+
+
+def test_code_hash_covers_the_checkpoints_own_python(tmp_path):
+    from llm_parity.runner.golden import code_hash
+
+    shutil.copytree(toy_model_dir(), tmp_path / "m")
+    assert code_hash(tmp_path / "m") is None
+    (tmp_path / "m" / "modeling_x.py").write_text("x = 1\n")
+    first = code_hash(tmp_path / "m")
+    (tmp_path / "m" / "modeling_x.py").write_text("x = 2\n")
+    assert first and code_hash(tmp_path / "m") != first
+
+
 def test_modelscope_cache_comes_first(caches):
     hf_snapshot(caches / "hf", "PleIAs/Pleias-RAG-350M")
     # Newer ModelScope releases escape dots in names as ___.

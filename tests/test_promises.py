@@ -121,3 +121,34 @@ def test_the_stand_in_checkpoint_commands(tmp_path, capsys):
     assert "wrote the embedded toy model" in out and "353,424,384 parameters" in out
     config = json.loads((tmp_path / "pleias" / "config.json").read_text())
     assert config["vocab_size"] == 65536
+
+
+def test_backends_come_from_the_entry_point_group(monkeypatch):
+    import importlib.metadata as md
+
+    from llm_parity.engines import base
+
+    installed = {ep.name: ep.value for ep in md.entry_points(group=base.ENTRY_POINT_GROUP)}
+    assert installed == {"hf": "llm_parity.engines.hf:HfEngine",
+                         "vllm": "llm_parity.engines.vllm:VllmEngine",
+                         "openai": "llm_parity.engines.openai:OpenAIEngine"}
+    extra = md.EntryPoint("paced", "paced_engine:PacedEngine", base.ENTRY_POINT_GROUP)
+    real = md.entry_points
+    monkeypatch.setattr(md, "entry_points", lambda **kw: (
+        [*real(**kw), extra] if kw.get("group") == base.ENTRY_POINT_GROUP else real(**kw)))
+    assert "paced" in base.backends()
+    assert base.engine_class("paced").__name__ == "PacedEngine"  # tests/paced_engine.py
+
+
+def test_a_bad_tensor_parallel_size_stops_before_any_model(pytester):
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-m", "precision",
+                                           "--tensor-parallel-size", "0")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--tensor-parallel-size: expected a positive integer, got 0" in result.stderr.str()
+
+
+def test_the_tensor_parallel_size_is_recorded(pytester, read_json):
+    result = run_suite(pytester, "--candidate", "hf", *QUICK, "--continuation", "0",
+                       "--noise-floor", "off", "--tensor-parallel-size", "2")
+    assert result.ret == 0, result.stdout.str()[-2000:]
+    assert read_json(pytester.path / "verdict.json")["protocol"]["tensor_parallel_size"] == 2

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 HEADLINE_METRICS = ("cosine", "kl", "js", "spearman", "mae")
 
 
-@dataclass
+@dataclass(frozen=True)
 class PositionResult:
     """One compared position: the metrics plus what a reader needs to see the tokens."""
 
@@ -40,7 +40,7 @@ class PositionResult:
         return getattr(self.comparison, metric)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Divergence:
     """Where free-running decoding first chose another token than the reference."""
 
