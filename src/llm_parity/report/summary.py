@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from llm_parity.compare.gates import GridCase
+from llm_parity.compare.metrics import aggregate
 from llm_parity.compare.performance import REFERENCE, performance_gate_message, speedup_pairs
 from llm_parity.report.text import fmt, text_table
 from llm_parity.report.verdict import TAIL_WARNING, kl_by_bucket
@@ -92,7 +93,7 @@ def _depth_lines(data: Mapping[str, Any]) -> list[str]:
     if not kl:
         return []
     lines = [f"teacher-forced: {len(kl)} positions over {len(sequences)} prompts, KL mean "
-             f"{fmt(sum(kl) / len(kl))}, p95 {fmt(_quantile(kl, 0.95))}, max {fmt(kl[-1])}",
+             f"{fmt(sum(kl) / len(kl))}, p95 {fmt(aggregate(kl, 'p95'))}, max {fmt(kl[-1])}",
              "  KL mean by continuation step: " + ", ".join(
                  f"{start}-{end}: {fmt(value)}" for start, end, value in kl_by_bucket(sequences))]
     diverged = [e for e in decodes if e.get("divergence")]
@@ -104,14 +105,6 @@ def _depth_lines(data: Mapping[str, Any]) -> list[str]:
                  f"{len(diverged)} of {len(decodes)} prompts diverged "
                  f"({len(diverged) - len(defects)} at near-ties, {len(defects)} at defects)")
     return lines
-
-
-def _quantile(sorted_values: Sequence[float], q: float) -> float:
-    """Linear interpolation between order statistics, as numpy's default quantile."""
-    position = (len(sorted_values) - 1) * q
-    low = math.floor(position)
-    high = min(low + 1, len(sorted_values) - 1)
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
 
 
 def _noise_floor_lines(data: Mapping[str, Any]) -> list[str]:
