@@ -73,7 +73,8 @@ def main() -> None:
             make_mutant(source, target, name)
         rows[name] = run_suite(args.out, name, args.candidate, target, args.extra, args.model)
         print(name, rows[name]["verdict"], rows[name]["failed_gates"], flush=True)
-    (args.out / "detection.json").write_text(json.dumps(rows, indent=2))
+        # written after every row, so an interrupted catalogue keeps what it measured
+        (args.out / "detection.json").write_text(json.dumps(rows, indent=2))
     print_table(rows, names)
 
 

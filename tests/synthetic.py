@@ -219,3 +219,30 @@ def write_session_outputs(session: ParitySession, perf_run=None) -> dict:
     data = full_verdict(session, perf_run)
     write_outputs(data, session.settings.parity_json, session.settings.parity_reports)
     return data
+
+
+def configured_session(others: dict | None = None, errors: dict | None = None,
+                       steps: int = 4, **base) -> ParitySession:
+    """A made-up run judged in several candidate configurations: the base ("eager") is
+    `make_session(**base)`; `others` maps a configuration name to make_session keywords
+    (its own made-up candidate), `errors` a name to why it could not run."""
+    from llm_parity.config.configurations import Configuration
+    from llm_parity.runner.precision import ConfigurationRun
+
+    session = make_session(steps=steps, **base)
+    run = session.run
+
+    def entry(name, args, precision, error=None):
+        configuration = Configuration(name, "vllm", args, runs=2 if name == "prefix" else 1)
+        candidate = {} if precision is None else {**run.candidate,
+                                                  "engine_args": dict(args)}
+        return ConfigurationRun(configuration, candidate, precision, error)
+
+    entries = [entry("eager", {"enforce_eager": True}, run.precision)]
+    for name, kwargs in (others or {}).items():
+        other = make_session(steps=steps, **{**base, **kwargs}).run.precision
+        entries.append(entry(name, {"enforce_eager": name == "eager"}, other))
+    for name, why in (errors or {}).items():
+        entries.append(entry(name, {"enforce_eager": True, "block_size": 16}, None, why))
+    run.configurations = tuple(entries)
+    return session

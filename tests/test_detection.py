@@ -45,8 +45,8 @@ def golden(tmp_path_factory):
     store = where / "store"
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-m", "precision",
-         "--candidate", "vllm", "--reference-store", str(store),
-         "--parity-json", str(where / "verdict.json")],
+         "--candidate", "vllm", "--configurations", "compiled",
+         "--reference-store", str(store), "--parity-json", str(where / "verdict.json")],
         cwd=where, capture_output=True, text=True,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -59,7 +59,7 @@ def run_candidate(pytester, golden, model, name):
     # to bf16 noise; the golden run above keeps the default (compiled) configuration.
     result = pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", "-m", "precision", "--candidate", "vllm",
-        "--candidate-option", "enforce_eager=true",
+        "--configurations", "eager",
         "--candidate-model", str(model), "--reference-store", str(golden),
         "--parity-json", "verdict.json", "--junitxml", "junit.xml",
     )

@@ -44,11 +44,11 @@ def agree(pytester, result, read_json) -> tuple[dict, dict]:
 def test_raw_logits_from_the_real_engine_are_refused_before_any_metric(pytester, read_json):
     # vLLM's logprobs_mode=raw_logits returns logits where log-probs belong: before, this
     # passed the KL gates with a KL mean of -7.7 (impossible). Now no metric reads them.
-    result = run_suite(pytester, "--candidate", "vllm", "--noise-floor", "off",
-                       "--candidate-option", "logprobs_mode=raw_logits")
+    result = run_suite(pytester, "--candidate", "vllm", "--configurations", "eager",
+                       "--noise-floor", "off", "--candidate-option", "logprobs_mode=raw_logits")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     out = result.stdout.str()
-    assert "candidate (vllm), prompt rag-01" in out
+    assert "candidate (vllm, configuration eager), prompt rag-01" in out
     assert "is above 0" in out and "logprobs_mode must be raw_logprobs" in out
     verdict, cases = agree(pytester, result, read_json)
     assert verdict["verdict"] == "error" and "is above 0" in verdict["error"]

@@ -602,7 +602,8 @@ def test_suite_against_vllm_serve_passes_like_the_offline_engine(
 
     offline_dir = pytester.mkdir("offline")
     monkeypatch.chdir(offline_dir)
-    offline = run_suite(pytester, "--candidate", "vllm")
+    # The server runs vLLM's default, graph mode: the offline side judges the same.
+    offline = run_suite(pytester, "--candidate", "vllm", "--configurations", "compiled")
     assert offline.ret == 0, offline.stdout.str()
     reference = json.loads((offline_dir / "verdict.json").read_text())
     # Same engine, same arguments, same ids: the first-token and teacher-forced numbers are

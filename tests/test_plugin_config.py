@@ -136,7 +136,8 @@ def test_collects_the_suite_from_the_thresholds_file(pytester):
 
 
 def test_packaged_suite_runs_when_asked_without_a_local_file(pytester):
-    result = pytester.runpytest_subprocess("--collect-only", "-q", "-m", "precision")
+    result = pytester.runpytest_subprocess("--collect-only", "-q", "-m", "precision",
+                                           "--candidate", "hf")
     assert result.ret == 0
     out = result.stdout.str()
     assert "llm-parity::test_prompt[rag-01]" in out and "llm-parity::test_prompt[rag-25]" in out
@@ -146,6 +147,26 @@ def test_packaged_suite_runs_when_asked_without_a_local_file(pytester):
     # -m precision leaves the performance tests out.
     assert f"{25 + 2 * (25 + long_prompt_count()) + gates}/" in out and "deselected" in out
     assert "test_benchmark" not in out
+
+
+def test_vllm_suite_ids_carry_the_configuration(pytester):
+    # The packaged file declares vLLM configurations; compiled and eager are the defaults.
+    result = pytester.runpytest_subprocess("--collect-only", "-q", "-m", "precision",
+                                           "--candidate", "vllm")
+    assert result.ret == 0
+    out = result.stdout.str()
+    for name in ("compiled", "eager"):
+        assert f"llm-parity::test_prompt[{name}-rag-01]" in out
+        assert f"llm-parity::test_gate[{name}-kl_mean]" in out
+        assert f"llm-parity::test_decode[{name}-rag-25]" in out
+    gates = len(load_thresholds(packaged_thresholds_path()).gates)
+    assert f"{2 * (25 + 2 * (25 + long_prompt_count()) + gates)}/" in out
+    chosen = pytester.runpytest_subprocess("--collect-only", "-q", "-m", "precision",
+                                           "--candidate", "vllm",
+                                           "--configurations", "serial,prefix_cache")
+    assert "llm-parity::test_gate[serial-kl_mean]" in chosen.stdout.str()
+    assert "llm-parity::test_gate[prefix_cache-kl_mean]" in chosen.stdout.str()
+    assert "eager-" not in chosen.stdout.str()
 
 
 def test_platform_only_gates_are_collected_and_marked(pytester):

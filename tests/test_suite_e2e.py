@@ -37,10 +37,12 @@ def torch_loaded_before_pytester():
 QUICK = ("--long-prompts", "none", "--continuation", "8")
 
 
-def suite_size(long_prompts=True):
-    """How many tests the packaged suite holds: prompts, depth prompts twice, gates."""
+def suite_size(long_prompts=True, configurations=1):
+    """How many tests the packaged suite holds: prompts, depth prompts twice, gates; once
+    per candidate configuration judged."""
     long_count = len(load_prompts(packaged_prompts_path("rag_long"))) if long_prompts else 0
-    return 25 + 2 * (25 + long_count) + len(load_thresholds(packaged_thresholds_path()).gates)
+    return configurations * (25 + 2 * (25 + long_count)
+                             + len(load_thresholds(packaged_thresholds_path()).gates))
 
 
 def run_suite(pytester, *args):
@@ -107,11 +109,25 @@ def test_hf_candidate_passes_with_every_value_recorded(pytester, read_json):
 
 @needs_vllm
 def test_vllm_candidate_passes_on_the_toy_model(pytester, read_json):
+    # No --configurations: the vllm candidate is judged in graph mode and in eager mode.
     result = run_suite(pytester, "--candidate", "vllm")
     assert result.ret == 0, result.stdout.str()
-    result.assert_outcomes(passed=suite_size())
+    result.assert_outcomes(passed=suite_size(configurations=2))
     verdict = read_json(pytester.path / "verdict.json")
     check_verdict_shape(verdict)
+    block = verdict["configurations"]
+    assert block["base"] == "compiled"
+    assert [(e["name"], e["verdict"]) for e in block["entries"]] == [
+        ("compiled", "pass"), ("eager", "pass")]
+    assert [e["engine_args"]["enforce_eager"] for e in block["entries"]] == [False, True]
+    cases = junit_cases(pytester.path / "junit.xml")
+    for name in ("compiled", "eager"):
+        outcome, props = cases[f"test_gate[{name}-kl_mean]"]
+        assert outcome == "passed" and props["configuration"] == name
+    assert cases["test_gate[eager-kl_mean]"][1]["switch"] == "enforce_eager=true"
+    out = result.stdout.str()
+    assert "gates of the base configuration, compiled:" in out
+    assert "eager vs compiled, first token: top-1 agrees at" in out
     assert verdict["candidate"]["backend"] == "vllm"
     assert verdict["candidate"]["device"] == "cpu"
     assert verdict["environment"]["vllm"]
@@ -123,7 +139,8 @@ def test_vllm_candidate_passes_on_the_toy_model(pytester, read_json):
 @needs_vllm
 def test_vllm_candidate_with_wrong_rope_theta_fails_readably(pytester, read_json):
     broken = make_mutant(toy_model_dir(), pytester.path / "broken", "rope_theta")
-    result = run_suite(pytester, "--candidate", "vllm", "--candidate-model", str(broken), *QUICK)
+    result = run_suite(pytester, "--candidate", "vllm", "--configurations", "eager",
+                       "--candidate-model", str(broken), *QUICK)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     out = result.stdout.str()
     assert "verdict: FAIL" in out

@@ -10,7 +10,8 @@ from typing import Any
 from llm_parity.config.checkpoint import check_checkpoint_dir, is_local_reference
 from llm_parity.config.prompts import Prompt, PromptSet, load_prompts, packaged_prompts_path
 from llm_parity.config.thresholds import Thresholds, ThresholdsFile, packaged_thresholds_path
-from llm_parity.engines.base import DTYPES, backends
+from llm_parity.config.configurations import Configuration, select_configurations
+from llm_parity.engines.base import DTYPES, backends, resolve_candidate_backend
 from llm_parity.errors import ModelError, PromptsError, SettingsError, ThresholdsError
 
 
@@ -72,6 +73,9 @@ OPTIONS = (
            "repeatable, e.g. both (default: off)", None, "list"),
     Option("--candidate-option", "KEY=VALUE passed to the candidate engine's constructor, "
            "repeatable, e.g. enforce_eager=true (default: none)", None, "list"),
+    Option("--configurations", "candidate configurations to judge, comma-separated names "
+           "from [configurations] of the thresholds file, or 'all' (default: those marked "
+           "default = true there for the candidate's backend; for vllm: compiled,eager)"),
     Option("--tensor-parallel-size", "tensor-parallel size of the vllm candidate (default: 1)",
            1, "int"),
     Option("--trust-remote-code", "allow the checkpoint's own Python code (default: off)",
@@ -108,12 +112,18 @@ class Settings:
     reference_store: Path | None = None
     reference_store_update: bool = False
     strict_gates: bool = False
+    # The candidate configurations judged, the base first (see config/configurations.py).
+    configurations: tuple[Configuration, ...] = ()
     # The thresholds file parsed and validated once (read from thresholds_path when not given).
     thresholds_file: ThresholdsFile = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.thresholds_file is None:
             object.__setattr__(self, "thresholds_file", ThresholdsFile.read(self.thresholds_path))
+        if not self.configurations:
+            object.__setattr__(self, "configurations", select_configurations(
+                self.thresholds_file.configurations, resolve_candidate_backend(self.candidate),
+                None, str(self.thresholds_path)))
 
     def thresholds(self, platform: str | None = None, model: str | None = None) -> Thresholds:
         """The effective gates for a platform and model, from the file parsed once."""
@@ -199,6 +209,9 @@ def build_settings(raw: dict[str, Any], rootdir: Path) -> Settings:
             raise SettingsError(f"--candidate-option: expected KEY=VALUE with KEY a Python "
                                 f"identifier, got {item!r}")
         options[key.strip()] = parse_value(value.strip())
+    configurations = select_configurations(
+        thresholds_file.configurations, resolve_candidate_backend(candidate),
+        raw["configurations"], str(thresholds_path))
     return Settings(
         model=raw["model"],
         candidate=candidate,
@@ -228,6 +241,7 @@ def build_settings(raw: dict[str, Any], rootdir: Path) -> Settings:
         reference_store_update=bool(raw["reference-store-update"]),
         strict_gates=bool(raw["strict-gates"]),
         thresholds_file=thresholds_file,
+        configurations=configurations,
     )
 
 

@@ -35,12 +35,14 @@ from llm_parity.compare.gates import (
     Thresholds,
 )
 from llm_parity.compare.metrics import AGGREGATES
+from llm_parity.config.configurations import parse_configurations
 from llm_parity.errors import ThresholdsError
 
 _GATE_KEYS = ("metric", "aggregate", "min", "max", "over", "mode", "enabled", "description",
               "excuse_near_ties",
               "relative_to", "conservative")
-_TOP_KEYS = ("schema_version", "precision", "performance", "platforms", "models")
+_TOP_KEYS = ("schema_version", "precision", "performance", "platforms", "models",
+             "configurations")
 _PRECISION_KEYS = ("gates", "prompt_gates", "near_tie_margin", "strict")
 _PERFORMANCE_KEYS = ("grid", "warmup_rounds", "rounds", "max_cv", "gates")
 _GRID_KEYS = ("mode", "input_len", "output_len")
@@ -59,6 +61,8 @@ class ThresholdsFile:
         _validate_document(data, source)
         self.data = data
         self.source = source
+        # Candidate configurations by name (see config/configurations.py).
+        self.configurations = parse_configurations(data.get("configurations", {}), source)
         self._resolved: dict[tuple[str | None, str | None], Thresholds] = {}
         # Every merged combination is checked now, before any model loads: an override
         # can turn a valid base gate into an invalid one (a rate of a KL, a min on a ratio).

@@ -26,6 +26,18 @@ def platform_device() -> str:
     return str(current_platform.device_type or "cpu")
 
 
+def engine_argument_names() -> set[str]:
+    """What `vllm.LLM(...)` accepts: its own parameters and the fields of EngineArgs."""
+    import dataclasses
+    import inspect
+
+    from vllm import LLM
+    from vllm.engine.arg_utils import EngineArgs
+
+    return ({f.name for f in dataclasses.fields(EngineArgs)}
+            | set(inspect.signature(LLM.__init__).parameters) - {"self", "kwargs"})
+
+
 class VllmEngine(Engine):
     backend = "vllm"
 
@@ -33,9 +45,18 @@ class VllmEngine(Engine):
     def preflight(cls, spec: EngineSpec) -> str:
         """vLLM picks its platform itself; refuse a device it did not pick."""
         try:
-            import vllm  # noqa: F401
+            import vllm
         except ImportError as exc:
             raise EngineError(f"{spec.role}: vllm is not importable here ({exc})") from exc
+        unknown = sorted(set(spec.options) - engine_argument_names())
+        if unknown:
+            import difflib
+
+            hint = difflib.get_close_matches(unknown[0], engine_argument_names(), n=1)
+            raise EngineError(
+                f"{spec.role}: {unknown[0]!r} is not a vLLM engine argument"
+                + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                + f"; vLLM {vllm.__version__} takes the fields of vllm.EngineArgs")
         device = platform_device()
         asked = spec.device.split(":")[0]
         if asked not in ("auto", device):

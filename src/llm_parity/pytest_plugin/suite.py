@@ -22,6 +22,11 @@ from llm_parity.report.messages import (
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     session = parity_session(metafunc.config)
+    configurations = session.settings.configurations
+    if "parity_configuration" in metafunc.fixturenames and configurations[0].declared:
+        # Declared candidate configurations: every test once per configuration, its name
+        # first in the id (test_gate[eager-kl_mean]).
+        metafunc.parametrize("parity_configuration", [c.name for c in configurations])
     if "prompt_id" in metafunc.fixturenames:
         metafunc.parametrize("prompt_id", session.settings.prompts.ids)
     if "depth_prompt_id" in metafunc.fixturenames:
@@ -30,36 +35,58 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("gate_name", session.gate_names())
 
 
+@pytest.fixture
+def parity_configuration():
+    """The candidate configuration a suite test judges (None: the backend declares none)."""
+    return None
+
+
+def _judged(run, configuration: str | None, request):
+    """The precision result a test reads: its configuration's, recorded as properties."""
+    if configuration is None:
+        return run.precision
+    entry = run.configuration(configuration)
+    request.node.user_properties.append(("configuration", configuration))
+    base = run.configurations[0].configuration
+    if entry.configuration is not base:
+        request.node.user_properties.append(("switch", entry.configuration.switch(base)))
+    if entry.precision is None:
+        pytest.fail(f"configuration {configuration} could not run: {entry.error}",
+                    pytrace=False)
+    return entry.precision
+
+
 @pytest.mark.precision
-def test_prompt(parity_run, prompt_id, request):
+def test_prompt(parity_run, parity_configuration, prompt_id, request):
     """Every per-prompt gate on one prompt's compared positions."""
-    _check_prompt(parity_run, "first_token", prompt_id, request)
+    _check_prompt(parity_run, parity_configuration, "first_token", prompt_id, request)
 
 
-def _check_prompt(run, view: str, prompt_id: str, request) -> None:
-    result = next(p for p in run.precision.view(view) if p.prompt.id == prompt_id)
+def _check_prompt(run, configuration, view: str, prompt_id: str, request) -> None:
+    precision = _judged(run, configuration, request)
+    result = next(p for p in precision.view(view) if p.prompt.id == prompt_id)
     for name, value in prompt_properties(result):
         request.node.user_properties.append((name, value))
     if not result.passed:
-        pytest.fail(prompt_failure_message(result, run.precision), pytrace=False)
+        pytest.fail(prompt_failure_message(result, precision), pytrace=False)
 
 
 @pytest.mark.precision
-def test_sequence(parity_run, depth_prompt_id, request):
+def test_sequence(parity_run, parity_configuration, depth_prompt_id, request):
     """Teacher-forced: every position of the reference's continuation, one pass (prefill)."""
-    _check_prompt(parity_run, "sequence", depth_prompt_id, request)
+    _check_prompt(parity_run, parity_configuration, "sequence", depth_prompt_id, request)
 
 
 @pytest.mark.precision
-def test_decode(parity_run, depth_prompt_id, request):
+def test_decode(parity_run, parity_configuration, depth_prompt_id, request):
     """Free-running greedy decoding, compared step by step up to the first divergence."""
-    _check_prompt(parity_run, "decode", depth_prompt_id, request)
+    _check_prompt(parity_run, parity_configuration, "decode", depth_prompt_id, request)
 
 
 @pytest.mark.precision
-def test_gate(parity_run, gate_name, request):
+def test_gate(parity_run, parity_configuration, gate_name, request):
     """One gate across every prompt."""
-    precision = parity_run.precision
+    precision = _judged(parity_run, parity_configuration, request)
     found = [r for r in precision.gate_results if r.gate.name == gate_name]
     if found:
         result = found[0]

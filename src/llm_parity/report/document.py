@@ -8,6 +8,7 @@ self-contained HTML page; figures (inline SVG) appear in the HTML only.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -107,6 +108,7 @@ def build_blocks(data: dict[str, Any], generated: str | None = None) -> list[Blo
         return blocks
     blocks.append(_banner(data))
     blocks += _gates(data)
+    blocks += _configurations(data)
     blocks += _model(data)
     blocks += _environment(data)
     blocks += _prompts(data)
@@ -199,6 +201,68 @@ def _gates(data: dict[str, Any]) -> list[Block]:
         blocks.append(Table(["gate", "over", "metric", "aggregate", "threshold",
                              "prompts passing", "worst", "worst prompt"], prompt_rows,
                             numeric={4, 5, 6}))
+    return blocks
+
+
+def _configurations(data: dict[str, Any]) -> list[Block]:
+    block = data.get("configurations")
+    if not block:
+        return []
+    entries, base = block["entries"], block["base"]
+    blocks: list[Block] = [Heading(2, "Configurations"), Para(
+        f"The candidate was built once per configuration (a named set of engine arguments) "
+        f"and every gate judged in each, against the same reference and noise floor. The "
+        f"gates above are the base configuration's, **{base}**.")]
+    blocks.append(Table(
+        ["configuration", "engine arguments", "verdict", "failed gates", "switch from " + base],
+        [[e["name"], Plain(", ".join(f"{k}={json.dumps(v)}" for k, v in e["args"].items())
+                           + (f"; runs={e['runs']}" if e["runs"] > 1 else "")),
+          Status(e["verdict"].upper(), e["verdict"] == "pass"),
+          ", ".join(e["failed_gates"]) or (e.get("error") or "")[:120],
+          Plain(e.get("switch", "(base)"))] for e in entries], wide=True))
+    gates = list({g["name"]: None for e in entries for g in e["gates"]})
+    rows = []
+    for gate in gates:
+        row: list[Any] = [gate]
+        for e in entries:
+            found = next((g for g in e["gates"] if g["name"] == gate), None)
+            row.append("-" if found is None else
+                       Status(_value(found["value"]) + ("" if found["passed"] else " FAIL"),
+                              bool(found["passed"])))
+        rows.append(row)
+    blocks.append(Para("Each gate in each configuration, its measured value:"))
+    blocks.append(Table(["gate", *[e["name"] for e in entries]], rows,
+                        numeric=set(range(1, len(entries) + 1)), wide=True))
+    notes = []
+    for e in entries:
+        if e["introduces_error"]:
+            notes.append(f"**{e['name']}** fails where {base} passes: `{e['switch']}` "
+                         "introduces the error.")
+        elif e["verdict"] == "error":
+            notes.append(f"**{e['name']}** could not run: {e.get('error')}")
+    if notes:
+        blocks.append(Bullets(notes))
+    compared = []
+    for e in entries:
+        for view, v in (e.get("vs_base") or {}).items():
+            if v.get("positions"):
+                compared.append([e["name"], _VIEW_NAMES.get(view, view), v["positions"],
+                                 _pct(v["top1_agreement"]),
+                                 f"{v['top1_differ']} ({v['top1_differ_near_ties']} near-ties)",
+                                 _value(v.get("kl_ratio")),
+                                 _interval({"interval": [v.get("kl_ratio_low"),
+                                                         v.get("kl_ratio_high")]}),
+                                 "" if v.get("kl_gap_in_floors") is None
+                                 else f"{v['kl_gap_in_floors']:+.1f}"])
+    if compared:
+        blocks.append(Para(f"Each configuration against {base} on the positions both compared: "
+                           "where their top-1 choices differ, and their mean KL to the "
+                           "reference as a ratio (paired 95% interval over prompts) and as a "
+                           "gap counted in noise floors. A difference between modes shows here "
+                           "even when both pass the gates."))
+        blocks.append(Table(["configuration", "view", "positions", "top-1 agreement",
+                             "top-1 differences", f"KL / {base}'s", "95% interval",
+                             "gap in floors"], compared, numeric={2, 3, 5, 7}))
     return blocks
 
 

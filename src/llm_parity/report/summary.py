@@ -3,6 +3,7 @@ JSON and the reports can never tell different stories."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -29,7 +30,11 @@ def precision_summary(data: Mapping[str, Any]) -> list[str]:
         f"token, top-{protocol.get('logprobs')} log-probs; gates from {protocol.get('thresholds')}",
         "",
     ]
+    configurations = data.get("configurations")
+    if configurations:
+        lines.append(f"gates of the base configuration, {configurations['base']}:")
     lines += _gates_table(data.get("gates") or [])
+    lines += configuration_lines(data)
     for gate in data.get("gates") or []:
         if gate.get("note"):
             lines.append(f"note: {gate['name']}: {gate['note']}")
@@ -66,6 +71,55 @@ def precision_summary(data: Mapping[str, Any]) -> list[str]:
     if timings:
         lines.append("time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s"
                                           for k, v in timings.items()))
+    return lines
+
+
+def configuration_lines(data: Mapping[str, Any]) -> list[str]:
+    """The configuration x gate matrix, the switch that introduces an error, and how each
+    configuration differs from the base on the positions both compared."""
+    block = data.get("configurations")
+    if not block:
+        return []
+    entries = block["entries"]
+    names = [e["name"] for e in entries]
+    gates = list({g["name"]: None for e in entries for g in e["gates"]})
+    width = max(16, *(len(n) + 2 for n in names))
+    lines = ["", f"configurations (each judged against the same reference and floor; base: "
+                 f"{block['base']}):",
+             f"{'gate':<28}" + "".join(f"{n:<{width}}" for n in names)]
+    for gate in gates:
+        cells = []
+        for e in entries:
+            found = next((g for g in e["gates"] if g["name"] == gate), None)
+            cells.append("-" if found is None else
+                         f"{'pass' if found['passed'] else 'FAIL'} {fmt(found['value'])}")
+        lines.append(f"{gate:<28}" + "".join(f"{c:<{width}}" for c in cells))
+    lines.append(f"{'verdict':<28}" + "".join(f"{e['verdict'].upper():<{width}}"
+                                               for e in entries))
+    for e in entries:
+        args = ", ".join(f"{k}={json.dumps(v)}" for k, v in e["args"].items()) or "no arguments"
+        lines.append(f"  {e['name']}: {args}" + (f", runs={e['runs']}" if e["runs"] > 1 else "")
+                     + (f"  {e['description']}" if e.get("description") else ""))
+    for e in entries:
+        if e["verdict"] == "error":
+            lines.append(f"{e['name']} could not run: {e['error']}")
+        elif e["introduces_error"]:
+            lines.append(f"{e['name']} fails where {block['base']} passes: {e['switch']} "
+                         "introduces the error")
+        for view, v in (e.get("vs_base") or {}).items():
+            if not v.get("positions"):
+                continue
+            kl = ""
+            if v.get("kl_ratio") is not None:
+                kl = (f", KL to the reference x{fmt(v['kl_ratio'])} "
+                      f"[{fmt(v['kl_ratio_low'])}, {fmt(v['kl_ratio_high'])}] of {block['base']}'s")
+                if v.get("kl_gap_in_floors") is not None:
+                    kl += f" ({v['kl_gap_in_floors']:+.1f} floors)"
+            lines.append(f"  {e['name']} vs {block['base']}, {view.replace('_', ' ')}: top-1 "
+                         f"agrees at {v['positions'] - v['top1_differ']}/{v['positions']} "
+                         "positions" + (f" ({v['top1_differ_near_ties']} of the "
+                                        f"{v['top1_differ']} differences at near-ties)"
+                                        if v["top1_differ"] else "") + kl)
     return lines
 
 

@@ -100,9 +100,12 @@ def verdict_dict(session: ParitySession) -> dict[str, Any]:
         entry.update({m: getattr(c, m) for m in POSITION_METRICS if getattr(c, m) is not None})
         entry["gates"] = [gate_dict(r) for r in result.gate_results]
         prompts.append(entry)
-    return {
+    configurations = configurations_dict(run)
+    passed = precision.passed and all(c["verdict"] == "pass"
+                                      for c in (configurations or {}).get("entries", []))
+    out = {
         "schema_version": SCHEMA_VERSION,
-        "verdict": "pass" if precision.passed else "fail",
+        "verdict": "pass" if passed else "fail",
         "model": run.reference_model.name,
         "candidate_model": run.candidate_model.name,
         "candidate": run.candidate,
@@ -128,6 +131,55 @@ def verdict_dict(session: ParitySession) -> dict[str, Any]:
         "timings": run.timings,
         "environment": session.environment,
     }
+    if configurations is not None:
+        out["configurations"] = configurations
+    return out
+
+
+def configurations_dict(run: Any) -> dict[str, Any] | None:
+    """Every candidate configuration judged: its arguments, its gates, how it differs from
+    the base (the first), and whether its switch is what introduces an error. None when the
+    backend declares no configurations."""
+    entries = run.configurations
+    if not entries or not entries[0].configuration.declared:
+        return None
+    from llm_parity.compare.configurations import compare_configurations
+
+    base = next(c for c in entries if c.precision is not None)
+    out = []
+    for entry in entries:
+        item: dict[str, Any] = {
+            **entry.configuration.as_dict(),
+            "engine_args": entry.candidate.get("engine_args", {}),
+            "timings": entry.timings,
+        }
+        if entry is not base:
+            item["switch"] = entry.configuration.switch(base.configuration)
+        if entry.precision is None:
+            item.update(verdict="error", error=entry.error, gates=[], failed_gates=[],
+                        failed_prompts=[])
+            out.append(item)
+            continue
+        precision = entry.precision
+        failed_prompts = sorted({f"{r.view}:{r.prompt.id}" for r in
+                                 precision.all_prompt_results if not r.passed})
+        item.update(
+            verdict="pass" if precision.passed else "fail",
+            gates=[gate_dict(r) for r in precision.gate_results],
+            failed_gates=[r.gate.name for r in precision.gate_results if not r.passed],
+            failed_prompts=failed_prompts,
+            not_judged=[n.gate.name for n in precision.not_judged],
+            aggregate=precision.aggregate(),
+        )
+        if entry is not base:
+            item["vs_base"] = compare_configurations(base.precision, precision)
+        out.append(item)
+    base_passed = base.precision.passed
+    for item in out:
+        # A configuration that fails where the base passes: its switch introduces the error.
+        item["introduces_error"] = (item["name"] != base.name and base_passed
+                                    and item["verdict"] == "fail")
+    return {"base": base.name, "entries": out}
 
 
 def clean(value: Any) -> Any:
@@ -191,7 +243,16 @@ def full_verdict(session: ParitySession, perf_run: Any = None,
             data["verdict"] = "pass"
             data.pop("error", None)
     if data["verdict"] == "fail":
-        reasons.append("precision gates failed")
+        failing = [c for c in (data.get("configurations") or {}).get("entries", [])
+                   if c["verdict"] != "pass"]
+        if not failing:
+            reasons.append("precision gates failed")
+        for c in failing:
+            what = (f"could not run ({c['error']})" if c["verdict"] == "error" else
+                    "failed gates " + (", ".join(c["failed_gates"]) or "per prompt"))
+            switch = (f"; {c['switch']} introduces the error" if c["introduces_error"]
+                      else "")
+            reasons.append(f"configuration {c['name']} {what}{switch}")
     if outcomes is not None:
         data["session"] = dict(outcomes)
         tests = outcomes.get("tests", {})

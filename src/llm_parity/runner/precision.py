@@ -17,6 +17,7 @@ from llm_parity.compare.precision import (
     compare_sequences,
     judge,
 )
+from llm_parity.config.configurations import Configuration
 from llm_parity.config.options import Settings
 from llm_parity.config.thresholds import Thresholds
 from llm_parity.engines.base import (
@@ -25,7 +26,7 @@ from llm_parity.engines.base import (
     engine_class,
     resolve_candidate_backend,
 )
-from llm_parity.errors import EngineError, ParityInputError
+from llm_parity.errors import AnswerError, EngineError, ParityInputError
 from llm_parity.runner.models import ResolvedModel, checkpoint_card, resolve_model
 
 
@@ -46,6 +47,32 @@ class Run:
     engines: dict[str, Any] = field(default_factory=dict)
     tokenizer: Any = None
     reference_spec: EngineSpec | None = None
+    # Every configuration judged, in the order asked; `candidate` and `precision` above are
+    # the base's (the first that ran).
+    configurations: tuple[ConfigurationRun, ...] = ()
+
+    def configuration(self, name: str) -> ConfigurationRun:
+        return next(c for c in self.configurations if c.name == name)
+
+
+@dataclass(frozen=True)
+class ConfigurationRun:
+    """One candidate configuration: its engine's description and its judged comparison,
+    or why it could not run."""
+
+    configuration: Configuration
+    candidate: dict[str, Any]
+    precision: PrecisionResult | None
+    error: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.configuration.name
+
+    @property
+    def passed(self) -> bool:
+        return self.precision is not None and self.precision.passed
 
 
 def platform_of(device: str) -> str:
@@ -95,7 +122,10 @@ def run_precision(settings: Settings, environment: dict[str, Any],
     )
     # Before anything heavy: is every asked device here, does the backend import?
     engine_class("hf").preflight(reference_spec)
-    engine_class(backend).preflight(candidate_spec)
+    for configuration in settings.configurations:  # an unknown engine argument stops here
+        engine_class(backend).preflight(replace(
+            candidate_spec, options={**candidate_spec.options, **configuration.args},
+            role=_candidate_role(backend, configuration)))
 
     # Tokenize once with the reference tokenizer; the candidate scores the same ids.
     tokenizer = load_tokenizer(reference_model.path, settings.trust_remote_code)
@@ -133,56 +163,105 @@ def run_precision(settings: Settings, environment: dict[str, Any],
         [ids + d.token_ids for ids, d in zip(depth[1], reference_decoded)] if depth else []
     )
     vocab_size = len(reference["first"][0].full_logprobs)
-    candidate, candidate_info = _run_engine(
-        backend, candidate_spec, token_ids, depth, k, settings, timings, "candidate",
-        vocab_size=vocab_size, sequences=depth_sequences, kept=kept,
-    )
-
-    thresholds = settings.thresholds(platform_of(candidate_info["device"]),
-                                     settings.model or reference_model.name)
-    compare = _Comparison(settings, tokenizer, token_ids, depth, reference, thresholds, k)
+    compare = None
     noise_floor = None
-    if _floor_wanted(settings, thresholds):
-        noise_floor = store.load_floor(key, settings.candidate_dtype, k) if store else None
-        if noise_floor is None:
-            floor_spec = replace(reference_spec, dtype=settings.candidate_dtype,
-                                 role=f"noise floor (hf {settings.candidate_dtype})")
-            floor_answers, floor_info = _run_engine(
-                "hf", floor_spec, token_ids, depth, k, settings, timings, "noise_floor",
+    configurations: list[ConfigurationRun] = []
+    # One candidate engine per configuration, each released before the next is built. When
+    # a test asks for the loaded engines, the base configuration runs last and stays open.
+    order = list(settings.configurations)
+    if kept is not None and len(order) > 1:
+        order = order[1:] + order[:1]
+    for configuration in order:
+        spec = replace(candidate_spec, options={**candidate_spec.options, **configuration.args},
+                       role=_candidate_role(backend, configuration))
+        own_timings: dict[str, float] = {}
+        try:
+            candidate, candidate_info = _run_engine(
+                backend, spec, token_ids, depth, k, settings, own_timings, "candidate",
                 vocab_size=vocab_size, sequences=depth_sequences,
+                kept=kept if configuration is settings.configurations[0] else None,
+                runs=configuration.runs,
             )
-            from llm_parity.compare.noise_floor import NoiseFloor
-
-            noise_floor = NoiseFloor.from_views(
-                compare.views(floor_answers), k=k, dtype=settings.candidate_dtype,
-                device=floor_info["device"],
-            )
-            if store is not None:
-                store.save_floor(key, noise_floor)
-    started = time.perf_counter()
-    precision = compare.judge(candidate, noise_floor)
-    timings["compare_s"] = time.perf_counter() - started
+        except (EngineError, AnswerError) as exc:
+            # Known only once the engine runs: this configuration fails alone, the others
+            # are still judged.
+            if len(settings.configurations) == 1:
+                raise
+            configurations.append(ConfigurationRun(configuration, {}, None, str(exc),
+                                                   own_timings))
+            continue
+        if compare is None:
+            thresholds = settings.thresholds(platform_of(candidate_info["device"]),
+                                             settings.model or reference_model.name)
+            compare = _Comparison(settings, tokenizer, token_ids, depth, reference,
+                                  thresholds, k)
+            noise_floor = _noise_floor(settings, thresholds, store, key, reference_spec,
+                                       token_ids, depth, k, timings, vocab_size,
+                                       depth_sequences, compare)
+        started = time.perf_counter()
+        precision = compare.judge(candidate, noise_floor)
+        own_timings["compare_s"] = time.perf_counter() - started
+        configurations.append(ConfigurationRun(configuration, candidate_info, precision, None,
+                                               own_timings))
+    configurations.sort(key=lambda c: settings.configurations.index(c.configuration))
+    judged = [c for c in configurations if c.precision is not None]
+    if not judged:  # every configuration failed to run: the run fails with the first error
+        raise EngineError("; ".join(f"configuration {c.name}: {c.error}" for c in configurations))
+    base = judged[0]
+    timings.update(base.timings)
     environment.update(
         collect_environment(
             model=reference_model,
             card=card,
-            candidate=candidate_info,
+            candidate=base.candidate,
         )
     )
     return Run(
         reference_model=reference_model,
         candidate_model=candidate_model,
-        candidate=candidate_info,
+        candidate=base.candidate,
         reference=reference_info,
-        thresholds=thresholds,
-        precision=precision,
+        thresholds=compare.thresholds,
+        precision=base.precision,
         token_ids=token_ids,
         timings=timings,
         card=card,
         engines=kept if kept is not None else {},
         tokenizer=tokenizer,
         reference_spec=reference_spec,
+        configurations=tuple(configurations),
     )
+
+
+def _candidate_role(backend: str, configuration: Configuration) -> str:
+    if not configuration.declared:
+        return f"candidate ({backend})"
+    return f"candidate ({backend}, configuration {configuration.name})"
+
+
+def _noise_floor(settings, thresholds, store, key, reference_spec, token_ids, depth, k,
+                 timings, vocab_size, depth_sequences, compare):
+    """The bf16 floor's per-position values, from the store or measured (once per run)."""
+    if not _floor_wanted(settings, thresholds):
+        return None
+    noise_floor = store.load_floor(key, settings.candidate_dtype, k) if store else None
+    if noise_floor is not None:
+        return noise_floor
+    floor_spec = replace(reference_spec, dtype=settings.candidate_dtype,
+                         role=f"noise floor (hf {settings.candidate_dtype})")
+    floor_answers, floor_info = _run_engine(
+        "hf", floor_spec, token_ids, depth, k, settings, timings, "noise_floor",
+        vocab_size=vocab_size, sequences=depth_sequences,
+    )
+    from llm_parity.compare.noise_floor import NoiseFloor
+
+    noise_floor = NoiseFloor.from_views(
+        compare.views(floor_answers), k=k, dtype=settings.candidate_dtype,
+        device=floor_info["device"],
+    )
+    if store is not None:
+        store.save_floor(key, noise_floor)
+    return noise_floor
 
 
 def _depth_prompts(settings: Settings, tokenizer: Any, card: dict[str, Any]):
@@ -297,8 +376,11 @@ def _run_engine(
     vocab_size: int | None = None,
     sequences: list[list[int]] | None = None,
     kept: dict[str, Any] | None = None,
+    runs: int = 1,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Build one engine, make each kind of call once over every prompt, release it.
+    """Build one engine, make each kind of call once over every prompt, release it. With
+    `runs` > 1 each call is made that many times and the last answers are kept (a warm
+    prefix cache answers the later runs).
 
     The reference continues the depth prompts greedily ("decoded"); the candidate scores
     those continued sequences (teacher-forced) and decodes freely itself.
@@ -313,17 +395,19 @@ def _run_engine(
             named.update((p.id, (p.id, p.text, ids)) for p, ids in zip(*depth))
         engine.check_tokenization(list(named.values()))
         started = time.perf_counter()
-        answers["first"] = engine.next_token(token_ids, k)
+        for _ in range(runs):
+            answers["first"] = engine.next_token(token_ids, k)
         timings[f"{role}_first_token_s"] = time.perf_counter() - started
         if depth:
             started = time.perf_counter()
             prompt_ids = depth[1]
-            if sequences is None:
-                answers["decoded"] = engine.greedy(prompt_ids, settings.continuation, k)
-            else:
-                starts = [len(ids) - 1 for ids in prompt_ids]
-                answers["sequence"] = engine.score(sequences, starts, k)
-                answers["decode"] = engine.greedy(prompt_ids, settings.continuation, k)
+            for _ in range(runs):
+                if sequences is None:
+                    answers["decoded"] = engine.greedy(prompt_ids, settings.continuation, k)
+                else:
+                    starts = [len(ids) - 1 for ids in prompt_ids]
+                    answers["sequence"] = engine.score(sequences, starts, k)
+                    answers["decode"] = engine.greedy(prompt_ids, settings.continuation, k)
             timings[f"{role}_depth_s"] = time.perf_counter() - started
         info = engine.describe()
     except BaseException:

@@ -1,0 +1,100 @@
+"""A test-only vLLM general plugin that breaks exactly one engine path, on the real engine.
+
+It proves that the configuration matrix catches a bug in the configuration that has it and
+in no other. Inert unless LLM_PARITY_VLLM_FAULT names one or more faults (comma-separated):
+
+- `graph`: every decoder layer's output is scaled by 1.1, only inside a torch.compile
+  trace: the compiled graph is wrong, eager mode is right.
+- `chunked_prefill`: the logits of a step that continues a partly prefilled prompt (a
+  second or later chunk) are perturbed.
+- `prefix_hit`: the logits of a step that starts a request from cached prefix blocks are
+  perturbed.
+
+vLLM loads general plugins in each of its processes; the patches act in the worker, where
+the model runs. Registered under `vllm.general_plugins` as `llm_parity_faults`.
+"""
+
+from __future__ import annotations
+
+import os
+
+ENV_VAR = "LLM_PARITY_VLLM_FAULT"
+FAULTS = ("graph", "chunked_prefill", "prefix_hit")
+# Added to every logit of an affected step, scaled by the logit's own position in the
+# vocabulary: a tilt, so the distribution changes (a constant would cancel in softmax).
+TILT = 3.0
+
+_step = {"chunked_prefill": False, "prefix_hit": False}
+
+
+def asked() -> set[str]:
+    names = {n.strip() for n in os.environ.get(ENV_VAR, "").split(",") if n.strip()}
+    unknown = names - set(FAULTS)
+    if unknown:
+        raise ValueError(f"{ENV_VAR}: unknown fault {sorted(unknown)[0]!r}; expected some of "
+                         f"{', '.join(FAULTS)}")
+    return names
+
+
+def register() -> None:
+    faults = asked()
+    if not faults:
+        return
+    if "graph" in faults:
+        _break_graph()
+    if faults & {"chunked_prefill", "prefix_hit"}:
+        _break_steps(faults)
+
+
+def _break_graph() -> None:
+    import torch
+    from vllm.model_executor.models import llama
+
+    original = llama.LlamaDecoderLayer.forward
+    if getattr(original, "_llm_parity_fault", False):
+        return
+
+    def forward(self, positions, hidden_states, residual):
+        hidden_states, residual = original(self, positions, hidden_states, residual)
+        if torch.compiler.is_compiling():  # true only while dynamo traces the graph
+            hidden_states = hidden_states * 1.1
+        return hidden_states, residual
+
+    forward._llm_parity_fault = True
+    llama.LlamaDecoderLayer.forward = forward
+
+
+def _break_steps(faults: set[str]) -> None:
+    import torch
+    from vllm.model_executor.models import llama
+    from vllm.v1.worker import gpu_model_runner
+
+    runner = gpu_model_runner.GPUModelRunner
+    if getattr(runner.execute_model, "_llm_parity_fault", False):
+        return
+    execute = runner.execute_model
+    compute_logits = llama.LlamaForCausalLM.compute_logits
+
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        # What this step does, from the scheduler's own account of it.
+        cached = scheduler_output.scheduled_cached_reqs
+        scheduled = scheduler_output.num_scheduled_tokens
+        _step["chunked_prefill"] = "chunked_prefill" in faults and any(
+            computed > 0 and scheduled.get(req_id, 0) > 1
+            and req_id not in cached.resumed_req_ids
+            for req_id, computed in zip(cached.req_ids, cached.num_computed_tokens))
+        _step["prefix_hit"] = "prefix_hit" in faults and any(
+            new.num_computed_tokens > 0 for new in scheduler_output.scheduled_new_reqs)
+        return execute(self, scheduler_output, *args, **kwargs)
+
+    def perturbed_logits(self, hidden_states):
+        logits = compute_logits(self, hidden_states)
+        if logits is not None and (_step["chunked_prefill"] or _step["prefix_hit"]):
+            tilt = torch.linspace(0.0, TILT, logits.shape[-1], dtype=logits.dtype,
+                                  device=logits.device)
+            logits = logits + tilt
+        return logits
+
+    execute_model._llm_parity_fault = True
+    runner.execute_model = execute_model
+    llama.LlamaForCausalLM.compute_logits = perturbed_logits
