@@ -5,7 +5,8 @@ suite catch, and whether benign changes pass. Each catalogue entry of
 and replayed from a golden store.
 
     .venv/bin/python benchmarks/detection.py --candidate vllm --out /tmp/detection
-    .venv/bin/python benchmarks/detection.py --model SMOLLM2_DIR --out /tmp/detection-real
+    .venv/bin/python benchmarks/detection.py --model SMOLLM2_DIR --out /tmp/detection-real \
+        -- --configurations eager
 """
 
 from __future__ import annotations

@@ -50,6 +50,57 @@ def _compare(args: argparse.Namespace) -> int:
     return comparison.exit_code
 
 
+# Suite options `llm-parity reference build` takes, as the pytest run spells them.
+BUILD_OPTIONS = ("--model", "--prompts", "--long-prompts", "--continuation", "--logprobs",
+                 "--reference-dtype", "--reference-device", "--reference-option",
+                 "--candidate-dtype", "--noise-floor", "--thresholds", "--trust-remote-code")
+
+
+def _reference_build(args: argparse.Namespace) -> int:
+    import json
+
+    from llm_parity.config.options import OPTIONS, build_settings
+    from llm_parity.errors import ParityError
+    from llm_parity.runner.reference_build import build_reference, parse_shard
+
+    raw = {o.flag.lstrip("-"): o.default for o in OPTIONS}
+    for option in OPTIONS:
+        if option.flag in BUILD_OPTIONS:
+            value = getattr(args, option.dest)
+            if value not in (None, []):
+                raw[option.flag.lstrip("-")] = value
+    raw.update({"candidate": "hf", "reference-store": args.store,
+                "reference-store-update": True})
+    try:
+        shard = parse_shard(args.shard)
+        settings = build_settings(raw, Path.cwd())
+        summary = build_reference(settings, shard)
+    except ParityError as exc:
+        print(f"llm-parity reference build: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _reference_merge(args: argparse.Namespace) -> int:
+    import json
+
+    from llm_parity.errors import StoreError
+    from llm_parity.runner.golden import merge_stores
+
+    if Path(args.out).exists():
+        print(f"llm-parity reference merge: {args.out} exists; merge into a new directory",
+              file=sys.stderr)
+        return 2
+    try:
+        summary = merge_stores(Path(args.out), [Path(p) for p in args.shards])
+    except StoreError as exc:
+        print(f"llm-parity reference merge: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def _positive_int(text: str) -> int:
     from llm_parity.config.options import positive_int
     from llm_parity.errors import SettingsError
@@ -94,6 +145,32 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--top", type=_positive_int, default=5,
                          help="how many of the prompts whose KL moved most to list (5)")
     compare.set_defaults(run=_compare)
+    reference = commands.add_parser(
+        "reference", help="build a golden reference store without a candidate, in shards if "
+                          "need be, and merge shards")
+    steps = reference.add_subparsers(dest="step", required=True)
+    build = steps.add_parser(
+        "build", help="compute the float32 reference (and the bf16 noise floor) of a model and "
+                      "prompt set into STORE; test runs replay it with --reference-store STORE")
+    build.add_argument("store", help="the store directory to write")
+    build.add_argument("--shard", help="I/N: compute only the I-th of N contiguous shares of "
+                                       "the prompts (merge the N stores afterwards)")
+    from llm_parity.config.options import OPTIONS
+
+    for option in OPTIONS:
+        if option.flag in BUILD_OPTIONS:
+            kwargs = {"dest": option.dest, "help": option.help}
+            if option.kind == "bool":
+                kwargs.update(action="store_true", default=None)
+            elif option.kind == "list":
+                kwargs["action"] = "append"
+            build.add_argument(option.flag, **kwargs)
+    build.set_defaults(run=_reference_build)
+    merge = steps.add_parser("merge", help="join the shards of one reference into one store; "
+                                           "shards that disagree on the key are refused")
+    merge.add_argument("out", help="the merged store directory (must not exist)")
+    merge.add_argument("shards", nargs="+", help="the shard stores, in any order")
+    merge.set_defaults(run=_reference_merge)
     return parser
 
 

@@ -73,6 +73,10 @@ OPTIONS = (
            "repeatable, e.g. both (default: off)", None, "list"),
     Option("--candidate-option", "KEY=VALUE passed to the candidate engine's constructor, "
            "repeatable, e.g. enforce_eager=true (default: none)", None, "list"),
+    Option("--reference-option", "KEY=VALUE passed to the reference's from_pretrained, "
+           "repeatable; placement across devices and memory tiers: device_map=auto, "
+           "max_memory={\"cpu\": \"8GiB\"}, offload_folder=DIR (JSON for tables; "
+           "default: [reference] options of the thresholds file, else none)", None, "list"),
     Option("--configurations", "candidate configurations to judge, comma-separated names "
            "from [configurations] of the thresholds file, or 'all' (default: those marked "
            "default = true there for the candidate's backend; for vllm: compiled,eager)"),
@@ -101,6 +105,7 @@ class Settings:
     parity_json: Path | None
     parity_reports: tuple[Path, ...]
     candidate_options: dict[str, Any] = field(default_factory=dict)
+    reference_options: dict[str, Any] = field(default_factory=dict)
     tensor_parallel_size: int = 1
     trust_remote_code: bool = False
     thresholds_explicit: bool = False
@@ -137,8 +142,30 @@ class Settings:
         return [p for prompt_set in sets for p in prompt_set.prompts]
 
 
+def _key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
+    options = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise SettingsError(f"{flag}: expected KEY=VALUE with KEY a Python identifier, "
+                                f"got {item!r}")
+        try:
+            options[key.strip()] = parse_value(value.strip())
+        except ValueError as exc:
+            raise SettingsError(f"{flag}: {key.strip()}: {exc}") from None
+    return options
+
+
 def parse_value(text: str) -> Any:
-    """KEY=VALUE values: true/false, ints and floats become themselves, the rest stays text."""
+    """KEY=VALUE values: true/false, ints and floats become themselves, a JSON table or
+    array (starting with { or [) is parsed, the rest stays text."""
+    if text[:1] in ("{", "["):
+        import json
+
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"not valid JSON ({exc}): {text!r}") from None
     lowered = text.lower()
     if lowered in ("true", "false"):
         return lowered == "true"
@@ -202,13 +229,10 @@ def build_settings(raw: dict[str, Any], rootdir: Path) -> Settings:
     if raw["reference-store-update"] and reference_store is None:
         raise SettingsError("--reference-store-update needs --reference-store DIR, the store "
                             "to rewrite")
-    options = {}
-    for item in raw["candidate-option"] or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip().isidentifier():
-            raise SettingsError(f"--candidate-option: expected KEY=VALUE with KEY a Python "
-                                f"identifier, got {item!r}")
-        options[key.strip()] = parse_value(value.strip())
+    options = _key_values(raw["candidate-option"], "--candidate-option")
+    # The file's [reference] options, then the command line's over them.
+    reference_options = {**thresholds_file.reference_options,
+                         **_key_values(raw.get("reference-option"), "--reference-option")}
     configurations = select_configurations(
         thresholds_file.configurations, resolve_candidate_backend(candidate),
         raw["configurations"], str(thresholds_path))
@@ -229,6 +253,7 @@ def build_settings(raw: dict[str, Any], rootdir: Path) -> Settings:
             for value in raw["parity-report"] or []
         ),
         candidate_options=options,
+        reference_options=reference_options,
         tensor_parallel_size=tp,
         trust_remote_code=bool(raw["trust-remote-code"]),
         thresholds_explicit=thresholds_explicit,

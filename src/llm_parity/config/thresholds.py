@@ -42,7 +42,7 @@ _GATE_KEYS = ("metric", "aggregate", "min", "max", "over", "mode", "enabled", "d
               "excuse_near_ties",
               "relative_to", "conservative")
 _TOP_KEYS = ("schema_version", "precision", "performance", "platforms", "models",
-             "configurations")
+             "configurations", "reference")
 _PRECISION_KEYS = ("gates", "prompt_gates", "near_tie_margin", "strict")
 _PERFORMANCE_KEYS = ("grid", "warmup_rounds", "rounds", "max_cv", "gates")
 _GRID_KEYS = ("mode", "input_len", "output_len")
@@ -63,6 +63,8 @@ class ThresholdsFile:
         self.source = source
         # Candidate configurations by name (see config/configurations.py).
         self.configurations = parse_configurations(data.get("configurations", {}), source)
+        # [reference] options: from_pretrained arguments of the reference (placement).
+        self.reference_options = _reference_options(data.get("reference", {}), source)
         self._resolved: dict[tuple[str | None, str | None], Thresholds] = {}
         # Every merged combination is checked now, before any model loads: an override
         # can turn a valid base gate into an invalid one (a rate of a KL, a min on a ratio).
@@ -165,6 +167,15 @@ def resolve_thresholds(
 ) -> Thresholds:
     """Validate the whole document, then merge the matching overrides over the base."""
     return ThresholdsFile(data, source).resolve(platform, model)
+
+
+def _reference_options(table: Any, source: str) -> dict[str, Any]:
+    _check_keys(table, ("options",), source, "reference")
+    options = table.get("options", {})
+    if not isinstance(options, Mapping):
+        raise _fail(source, "reference", f"options must be a table of from_pretrained "
+                    f"arguments, got {_type_name(options)}")
+    return dict(options)
 
 
 def model_matches(key: str, model: str) -> bool:

@@ -7,6 +7,7 @@ stays one vocabulary row per compared position.
 
 from __future__ import annotations
 
+import copy
 import gc
 import inspect
 import time
@@ -21,6 +22,71 @@ from llm_parity.engines.base import Engine, EngineSpec, Timing
 from llm_parity.errors import EngineError
 
 
+# Placement targets that are not devices (accelerate's memory tiers).
+TIERS = ("cpu", "disk")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _input_device(placement: dict[str, str]) -> str | None:
+    for where in placement.values():
+        if where not in TIERS:
+            return where if not where.isdigit() else f"cuda:{where}"
+    return "cpu" if placement else None
+
+
+def check_placement(options: dict[str, Any], role: str) -> None:
+    """device_map and max_memory name only devices that exist here; said before any model
+    loads. Integers and cuda:N are CUDA devices, npu:N Ascend ones."""
+    import torch
+
+    from llm_parity.engines._torch import npu_available
+
+    named: list[tuple[str, Any]] = []
+    device_map = options.get("device_map")
+    if isinstance(device_map, str):
+        if device_map not in DEVICE_MAPS and device_map.split(":")[0] not in (
+                "cpu", "cuda", "npu", "xpu"):
+            raise EngineError(f"{role}: device_map {device_map!r}: expected one of "
+                              f"{', '.join(DEVICE_MAPS)}, a device, or a table of module -> "
+                              "device")
+        if device_map not in DEVICE_MAPS:
+            named.append(("device_map", device_map))
+    elif isinstance(device_map, dict):
+        named += [(f"device_map[{module!r}]", where) for module, where in device_map.items()]
+    elif device_map is not None:
+        raise EngineError(f"{role}: device_map must be a name or a table, got {device_map!r}")
+    max_memory = options.get("max_memory")
+    if max_memory is not None:
+        if not isinstance(max_memory, dict):
+            raise EngineError(f"{role}: max_memory must be a table of device -> size, e.g. "
+                              f'{{"cpu": "8GiB", "0": "70GiB"}}, got {max_memory!r}')
+        named += [(f"max_memory key {key!r}", key) for key in max_memory]
+        if device_map is None:
+            raise EngineError(f"{role}: max_memory needs device_map (e.g. device_map=auto) "
+                              "to place the layers by it")
+    for where_named, where in named:
+        text = str(where)
+        if text in TIERS:
+            continue
+        base, _, index = text.partition(":")
+        if text.isdigit():
+            base, index = "cuda", text
+        count = {"cuda": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+                 "npu": _npu_count() if npu_available() else 0}.get(base)
+        if count is None:
+            raise EngineError(f"{role}: {where_named} names {where!r}, which is not a device: "
+                              "expected cpu, disk, an index, cuda:N or npu:N")
+        if int(index or 0) >= count:
+            raise EngineError(f"{role}: {where_named} names {where!r}, but this machine has "
+                              f"{count} {base} device{'s' if count != 1 else ''}")
+
+
+def _npu_count() -> int:
+    import torch
+
+    return int(torch.npu.device_count())  # type: ignore[attr-defined]
+
+
 class HfEngine(Engine):
     backend = "hf"
 
@@ -31,23 +97,42 @@ class HfEngine(Engine):
 
         self.device = resolve_device(spec.device, spec.role)
         kwargs = {transformers_dtype_kwarg(): torch_dtype(spec.dtype)}
-        kwargs.update(spec.options)
+        kwargs.update(copy.deepcopy(spec.options))  # from_pretrained rewrites max_memory
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 spec.model, trust_remote_code=spec.trust_remote_code, **kwargs
             )
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, ImportError) as exc:
             raise EngineError(f"{spec.role}: transformers cannot load {spec.model}: {exc}") from exc
-        self.model = model.to(self.device).eval()
+        if "device_map" in spec.options:
+            # Accelerate placed the layers (devices, CPU memory, disk) and moves activations
+            # between them; inputs go where the first layer is.
+            self.placement = {str(k): str(v) for k, v in
+                              (getattr(model, "hf_device_map", None) or {}).items()}
+            self.model = model.eval()
+            self.device = _input_device(self.placement) or self.device
+        else:
+            self.placement = {}
+            self.model = model.to(self.device).eval()
         self._torch = torch
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     @classmethod
     def preflight(cls, spec: EngineSpec) -> None:
         resolve_device(spec.device, spec.role)
+        check_placement(spec.options, spec.role)
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.backend, "device": self.device, "dtype": self.spec.dtype}
+        info: dict[str, Any] = {"backend": self.backend, "device": self.device,
+                                "dtype": self.spec.dtype}
+        if self.spec.options:
+            info["options"] = {k: v for k, v in self.spec.options.items()}
+        if self.placement:
+            counts: dict[str, int] = {}
+            for where in self.placement.values():
+                counts[where] = counts.get(where, 0) + 1
+            info["placement"] = counts  # modules per device, "disk" for offloaded ones
+        return info
 
     @property
     def vocab_size(self) -> int:

@@ -176,13 +176,7 @@ class ReferenceStore:
     def load(self, key: Mapping[str, Any], k: int) -> tuple[dict[str, Any], dict[str, Any]]:
         """(answers, engine description) as the live reference engine would give them."""
         meta = self.check(key)
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
-
-        try:
-            tensors = load_file(str(self.data_path))
-        except (OSError, SafetensorError) as exc:
-            raise StoreError(f"{self.data_path}: unreadable ({exc}); {REFRESH_HINT}") from None
+        tensors = self.read_tensors()
         expected = {"first_logits": (len(key["first_token_prompt_ids"]),)}
         if key["depth_prompt_ids"]:
             expected["decoded_tokens"] = (len(key["depth_prompt_ids"]), key["continuation"])
@@ -203,21 +197,34 @@ class ReferenceStore:
         return answers, dict(meta.get("engine", {}))
 
     def save(self, key: Mapping[str, Any], answers: Mapping[str, Any],
-             engine: Mapping[str, Any]) -> None:
-        """Write the store whole, or leave what was there: a temp directory, then a rename."""
-        from safetensors.numpy import save_file
-
+             engine: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> None:
+        """Write the store whole, or leave what was there. `extra` goes into the key file
+        beside the key (a shard's prompt ranges)."""
         tensors = {"first_logits": _stack_logits(answers["first"])}
         decoded: list[Decoded] = answers.get("decoded") or []
         if decoded:
             tensors["decoded_tokens"] = np.array([d.token_ids for d in decoded], dtype=np.int64)
             tensors["decoded_logits"] = np.stack([_stack_logits(d.steps) for d in decoded])
-        meta = {"key": dict(key), "engine": dict(engine),
-                "bytes_per_position": int(tensors["first_logits"].shape[1] * 4)}
+        self.write(tensors, {"key": dict(key), "engine": dict(engine), **(extra or {})})
+
+    def read_tensors(self) -> dict[str, np.ndarray]:
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        try:
+            return load_file(str(self.data_path))
+        except (OSError, SafetensorError) as exc:
+            raise StoreError(f"{self.data_path}: unreadable ({exc}); {REFRESH_HINT}") from None
+
+    def write(self, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+        """A temp directory, then a rename: a store is whole or absent, never half written."""
+        from safetensors.numpy import save_file
+
+        meta = {**meta, "bytes_per_position": int(tensors["first_logits"].shape[1] * 4)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
         try:
-            save_file(tensors, str(staging / DATA_FILE), metadata={"format": str(FORMAT)})
+            save_file(dict(tensors), str(staging / DATA_FILE), metadata={"format": str(FORMAT)})
             (staging / KEY_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
             os.chmod(staging, 0o755)  # mkdtemp's owner-only modes would hide a shared store
             for written in staging.iterdir():
@@ -233,7 +240,6 @@ class ReferenceStore:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-
 
     def floor_path(self, dtype: str, k: int) -> Path:
         return self.path / f"noise_floor-{dtype}-top{k}.json"
@@ -271,3 +277,91 @@ def _stack_logits(views: Sequence[NextToken]) -> np.ndarray:
             raise StoreError("the reference engine kept no float32 logits; it cannot be stored")
         rows.append(np.asarray(view.logits, dtype=np.float32))
     return np.stack(rows)
+
+
+# ---------------------------------------------------------------- shards
+
+# Key fields that name the prompts: a shard holds a range of them; every other field must
+# be the same in every shard of one store.
+PROMPT_FIELDS = ("first_token_prompts", "first_token_prompt_ids", "depth_prompts",
+                 "depth_prompt_ids")
+
+
+def shard_range(count: int, index: int, shards: int) -> range:
+    """The contiguous share of `count` items that shard `index` (from 0) of `shards` holds."""
+    return range(count * index // shards, count * (index + 1) // shards)
+
+
+def merge_stores(out: Path, parts: Sequence[Path]) -> dict[str, Any]:
+    """One store from the shards of one reference (each built with `--shard I/N`), in shard
+    order: the prompt ranges joined, the logits concatenated, the noise floors of each
+    dtype and top-k that every shard has merged. Refuses shards whose keys disagree on any
+    other field, naming it, and an incomplete or repeated set of shards."""
+    stores = [ReferenceStore(Path(p)) for p in parts]
+    metas = []
+    for store in stores:
+        if not store.exists():
+            raise StoreError(f"{store.path}: not a reference store (no {KEY_FILE} and "
+                             f"{DATA_FILE})")
+        meta = store.stored_key()
+        if not isinstance(meta.get("shard"), dict):
+            raise StoreError(f"{store.path}: a whole store, not a shard (build shards with "
+                             "llm-parity reference build --shard I/N)")
+        metas.append(meta)
+    counts = {m["shard"]["count"] for m in metas}
+    if len(counts) != 1:
+        raise StoreError("the shards were cut in different numbers: "
+                         + ", ".join(f"{s.path} is {m['shard']['index'] + 1}/{m['shard']['count']}"
+                                     for s, m in zip(stores, metas)))
+    count = counts.pop()
+    indexes = sorted(m["shard"]["index"] for m in metas)
+    if indexes != list(range(count)):
+        missing = sorted(set(range(count)) - set(indexes))
+        repeated = sorted({i for i in indexes if indexes.count(i) > 1})
+        raise StoreError(f"shards of {count}: "
+                         + "; ".join(filter(None, [
+                             missing and "missing " + ", ".join(f"{i + 1}/{count}" for i in missing),
+                             repeated and "given twice " + ", ".join(f"{i + 1}/{count}"
+                                                                     for i in repeated)])))
+    order = sorted(range(len(stores)), key=lambda i: metas[i]["shard"]["index"])
+    stores, metas = [stores[i] for i in order], [metas[i] for i in order]
+    base = metas[0]["key"]
+    for store, meta in zip(stores[1:], metas[1:]):
+        fields = [f for f in {**base, **meta["key"]} if f not in PROMPT_FIELDS
+                  and base.get(f) != meta["key"].get(f)]
+        if fields:
+            field = fields[0]
+            raise StoreError(
+                f"shards {stores[0].path} and {store.path} disagree on {field} "
+                f"({_short(base.get(field))} and {_short(meta['key'].get(field))}): they are "
+                "shards of different references and cannot be merged"
+                + (f" (also: {', '.join(fields[1:])})" if len(fields) > 1 else ""))
+    first = [tuple(item) for m in metas for item in m["shard"]["first_token"]]
+    depth = [tuple(item) for m in metas for item in m["shard"]["depth"]]
+    key = dict(base)
+    key.update(first_token_prompts=ids_hash(first),
+               first_token_prompt_ids=[name for name, _ in first],
+               depth_prompts=ids_hash(depth), depth_prompt_ids=[name for name, _ in depth])
+    parts_tensors = [s.read_tensors() for s in stores]
+    tensors = {name: np.concatenate([t[name] for t in parts_tensors if name in t])
+               for name in parts_tensors[0]}
+    merged = ReferenceStore(Path(out))
+    merged.write(tensors, {"key": key, "engine": metas[0].get("engine", {}),
+                           "merged_from": [str(s.path) for s in stores]})
+    floors = []
+    for path in sorted(stores[0].path.glob("noise_floor-*.json")):
+        found = [s.path / path.name for s in stores]
+        if not all(p.is_file() for p in found):
+            continue
+        datas = [json.loads(p.read_text(encoding="utf-8")) for p in found]
+        floor = datas[0]["floor"]
+        for data in datas[1:]:
+            for view, prompts in data["floor"]["views"].items():
+                floor["views"].setdefault(view, {}).update(prompts)
+            for view, margins in data["floor"].get("flip_margins", {}).items():
+                floor.setdefault("flip_margins", {}).setdefault(view, []).extend(margins)
+        (merged.path / path.name).write_text(json.dumps({"key": key, "floor": floor}) + "\n",
+                                             encoding="utf-8")
+        floors.append(path.name)
+    return {"store": str(merged.path), "shards": len(stores), "first_token_prompts": len(first),
+            "depth_prompts": len(depth), "noise_floors": floors}

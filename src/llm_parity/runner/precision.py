@@ -105,6 +105,7 @@ def run_precision(settings: Settings, environment: dict[str, Any],
         trust_remote_code=settings.trust_remote_code,
         role="reference (hf)",
         logprobs=k,
+        options=dict(settings.reference_options),
     )
     candidate_spec = EngineSpec(
         model=str(candidate_model.path),
