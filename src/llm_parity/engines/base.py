@@ -38,6 +38,15 @@ class EngineSpec:
     api_key_env: str | None = None  # variable holding its API key (never the key)
 
 
+def same_engine(a: EngineSpec, b: EngineSpec) -> bool:
+    """Whether two specs build the same engine (roles and names aside): one built for the
+    precision run can then serve the performance run."""
+    return ((a.model, a.tokenizer or a.model, a.dtype, a.device, a.trust_remote_code,
+             a.tensor_parallel_size, a.logprobs, a.url, dict(a.options))
+            == (b.model, b.tokenizer or b.model, b.dtype, b.device, b.trust_remote_code,
+                b.tensor_parallel_size, b.logprobs, b.url, dict(b.options)))
+
+
 @dataclass(frozen=True)
 class Timing:
     """How long one generation request took, in seconds.

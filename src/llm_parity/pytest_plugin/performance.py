@@ -19,12 +19,14 @@ _ENGINE = pytest.StashKey[str]()  # item -> the engine it needs (a mode, or REFE
 _ENGINE_ORDER = ("eager", "compiled", REFERENCE)
 _BENCHMARKS = ("test_benchmark", "test_reference_benchmark")
 _GATE = "test_performance_gate"
+_PRECISION = ("test_prompt", "test_sequence", "test_decode", "test_gate")
 _ONLY_SKIP = "--benchmark-only"
 
 
 def pytest_configure(config: pytest.Config) -> None:
     session = config.stash[SESSION_KEY]
-    config.stash[PERF_KEY] = PerformanceRun(session.settings)
+    run = config.stash[PERF_KEY] = PerformanceRun(session.settings)
+    run.adopt, run.discard = session.take_spare, session.close_spare
     # --benchmark-only asks for the suite as -m performance does.
     path = session.settings.thresholds_path
     if config.getoption("benchmark_only", False) and not under_args(path, config):
@@ -101,6 +103,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         benchmarks.append(item)
     if first is None:
         return
+    # Precision tests in the same session: their last engine may serve the first benchmark.
+    config.stash[SESSION_KEY].hand_over = bool(benchmarks) and any(
+        _in_suite(item) and getattr(item, "originalname", "") in _PRECISION for item in items)
     # One engine at a time: group the benchmarks by engine, then the gates after them all.
     benchmarks.sort(key=lambda item: _ENGINE_ORDER.index(item.stash[_ENGINE]))
     chosen = set(benchmarks) | set(gates)

@@ -155,6 +155,16 @@ def _banner(data: dict[str, Any]) -> Banner:
                        f"{_value(g['value'])}.")
     if failed_prompts:
         details.append("Failing prompts: " + ", ".join(p["id"] for p in failed_prompts) + ".")
+    configurations = (data.get("configurations") or {}).get("entries", [])
+    if configurations:
+        base = data["configurations"]["base"]
+        bad = [c for c in configurations if c["verdict"] != "pass"]
+        details.append(
+            f"Judged in {len(configurations)} candidate configurations (the figures above are "
+            f"{base}'s); " + ("all pass." if not bad else "failing: " + ", ".join(
+                f"**{c['name']}** ({'could not run' if c['verdict'] == 'error' else str(len(c['failed_gates'])) + ' gates'}"
+                + ("; its switch introduces the error" if c["introduces_error"] else "") + ")"
+                for c in bad) + "."))
     if perf_gates:
         details.append(f"{len(perf_gates) - len(failed_perf)} of {len(perf_gates)} performance "
                        "gates pass" + ("." if not failed_perf else ": failed "
@@ -214,12 +224,13 @@ def _configurations(data: dict[str, Any]) -> list[Block]:
         f"and every gate judged in each, against the same reference and noise floor. The "
         f"gates above are the base configuration's, **{base}**.")]
     blocks.append(Table(
-        ["configuration", "engine arguments", "verdict", "failed gates", "switch from " + base],
-        [[e["name"], Plain(", ".join(f"{k}={json.dumps(v)}" for k, v in e["args"].items())
-                           + (f"; runs={e['runs']}" if e["runs"] > 1 else "")),
+        ["configuration", "engine arguments", "verdict", "gates failing", "switch from " + base],
+        [[e["name"], ", ".join(f"{k}={json.dumps(v)}" for k, v in e["args"].items())
+          + (f"; runs={e['runs']}" if e["runs"] > 1 else ""),
           Status(e["verdict"].upper(), e["verdict"] == "pass"),
-          ", ".join(e["failed_gates"]) or (e.get("error") or "")[:120],
-          Plain(e.get("switch", "(base)"))] for e in entries], wide=True))
+          (f"{len(e['failed_gates'])} of {len(e['gates'])}" if e["verdict"] != "error"
+           else Plain((e.get("error") or "")[:160])),
+          e.get("switch", "(base)")] for e in entries]))
     gates = list({g["name"]: None for e in entries for g in e["gates"]})
     rows = []
     for gate in gates:

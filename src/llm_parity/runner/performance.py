@@ -124,6 +124,10 @@ class PerformanceRun:
         self._model: Any = None
         self._tokenizer: Any = None
         self._prompts: dict[int, list[int]] = {}
+        # An engine the precision run left open: adopt(spec) returns (engine, configuration)
+        # when it is the one `spec` would build; discard() closes it. Set by the plugin.
+        self.adopt: Any = None
+        self.discard: Any = None
 
     # -- what is under test
 
@@ -225,6 +229,16 @@ class PerformanceRun:
         self.release()
         spec = self.reference_spec() if key == REFERENCE else self.candidate_spec(key)
         backend = "hf" if key == REFERENCE else self.backend
+        adopted = self.adopt(spec) if self.adopt is not None and key != REFERENCE else None
+        if adopted is not None:
+            engine, configuration = adopted
+            self._engine, self._engine_key = engine, key
+            self._engine_children = _child_pids()  # no other engine is alive
+            self.events.append(("adopt", f"{key} (the precision run's {configuration} engine)"))
+            self._platform = str(engine.describe().get("device", "cpu")).split(":")[0]
+            return engine, None
+        if self.discard is not None:
+            self.discard()  # a left-over engine that is not this one: closed before building
         before = _child_pids()
         started = time.perf_counter()
         try:

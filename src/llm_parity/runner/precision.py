@@ -80,9 +80,12 @@ def platform_of(device: str) -> str:
 
 
 def run_precision(settings: Settings, environment: dict[str, Any],
-                  kept: dict[str, Any] | None = None) -> Run:
+                  kept: dict[str, Any] | None = None,
+                  spare: dict[str, Any] | None = None) -> Run:
     """The whole precision run. With `kept` (a dict), the reference and candidate engines
-    are left open in it, by role, for the public fixtures; the caller closes them."""
+    are left open in it, by role, for the public fixtures; the caller closes them. With
+    `spare` (a dict), the last configuration's candidate engine is left open in it (engine,
+    spec, configuration) for the performance run to adopt."""
     from llm_parity.runner.environment import collect_environment
     from llm_parity.runner.tokenization import load_tokenizer, tokenize_prompts
 
@@ -176,11 +179,13 @@ def run_precision(settings: Settings, environment: dict[str, Any],
         spec = replace(candidate_spec, options={**candidate_spec.options, **configuration.args},
                        role=_candidate_role(backend, configuration))
         own_timings: dict[str, float] = {}
+        holder = kept if configuration is settings.configurations[0] else None
+        if spare is not None and configuration is order[-1]:
+            holder = {}
         try:
             candidate, candidate_info = _run_engine(
                 backend, spec, token_ids, depth, k, settings, own_timings, "candidate",
-                vocab_size=vocab_size, sequences=depth_sequences,
-                kept=kept if configuration is settings.configurations[0] else None,
+                vocab_size=vocab_size, sequences=depth_sequences, kept=holder,
                 runs=configuration.runs,
             )
         except (EngineError, AnswerError) as exc:
@@ -199,6 +204,9 @@ def run_precision(settings: Settings, environment: dict[str, Any],
             noise_floor = _noise_floor(settings, thresholds, store, key, reference_spec,
                                        token_ids, depth, k, timings, vocab_size,
                                        depth_sequences, compare)
+        if spare is not None and holder is not None and "candidate" in holder:
+            spare.update(engine=holder["candidate"], spec=spec,
+                         configuration=configuration.name)
         started = time.perf_counter()
         precision = compare.judge(candidate, noise_floor)
         own_timings["compare_s"] = time.perf_counter() - started

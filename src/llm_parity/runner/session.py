@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from llm_parity.config.options import Settings
+from llm_parity.engines.base import EngineSpec, same_engine
 from llm_parity.runner.precision import Run, run_precision
 
 
@@ -22,6 +23,11 @@ class ParitySession:
         # leaves them open here, and close_engines() releases them at the end.
         self.keep_engines = False
         self.engines: dict[str, Any] = {}
+        # Set when the session runs the performance benchmarks too: the precision run's last
+        # candidate engine is then left here, and the performance run adopts it if it would
+        # build the same engine (else it is closed first: never two engines alive).
+        self.hand_over = False
+        self.spare: dict[str, Any] = {}
 
     def gate_names(self) -> list[str]:
         """Every gate name the file can produce, on any platform, for this model."""
@@ -35,8 +41,10 @@ class ParitySession:
         if not self.attempted:
             self.attempted = True
             try:
-                self.run = run_precision(self.settings, self.environment,
-                                         self.engines if self.keep_engines else None)
+                self.run = run_precision(
+                    self.settings, self.environment,
+                    self.engines if self.keep_engines else None,
+                    spare=self.spare if self.hand_over and not self.keep_engines else None)
             except BaseException as exc:
                 self.error = exc
                 raise
@@ -45,8 +53,23 @@ class ParitySession:
         assert self.run is not None
         return self.run
 
+    def take_spare(self, spec: EngineSpec) -> tuple[Any, str] | None:
+        """The precision run's left-over engine and its configuration, if `spec` would build
+        the same engine; it is then the caller's to close."""
+        if self.spare and same_engine(self.spare["spec"], spec):
+            spare, self.spare = self.spare, {}
+            return spare["engine"], spare["configuration"]
+        return None
+
+    def close_spare(self) -> None:
+        spare, self.spare = self.spare, {}
+        if spare:
+            spare["engine"].close()
+
     def close_engines(self) -> None:
-        """Release the engines kept for the public fixtures, the candidate first."""
+        """Release the engines kept for the public fixtures, the candidate first, and a
+        left-over engine nobody adopted."""
+        self.close_spare()
         for role in ("candidate", "reference"):
             engine = self.engines.pop(role, None)
             if engine is not None:
