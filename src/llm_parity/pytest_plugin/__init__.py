@@ -89,6 +89,13 @@ def pytest_configure(config: pytest.Config) -> None:
     if asked and not under_args(settings.thresholds_path, config):
         # Packaged or outside the tree: collect it explicitly so the suite still runs.
         config.args.append(str(settings.thresholds_path))
+    if asked:
+        from llm_parity.pytest_plugin import distributed
+
+        if distributed.EXCHANGE in getattr(config, "workerinput", {}):
+            distributed.setup_worker(config)
+        elif distributed.is_controller(config):
+            distributed.setup_controller(config)
     from llm_parity.pytest_plugin import fixtures, performance
 
     config.pluginmanager.register(fixtures, "llm-parity-fixtures")
@@ -154,6 +161,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     state = config.stash.get(SESSION_KEY, None)
     if state is None:
         return
+    if hasattr(config, "workerinput") and state.exchange is not None:
+        state.close_engines()  # a pytest-xdist worker: the controller writes the verdict
+        return
+    controller = config.pluginmanager.get_plugin("llm-parity-xdist-controller")
+    if controller is not None:
+        controller.finish()
     perf_run = config.stash.get(PERF_KEY, None)
     measured = perf_run is not None and (perf_run.results or perf_run.gate_outcomes
                                          or perf_run.not_measured)

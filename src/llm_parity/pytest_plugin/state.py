@@ -37,8 +37,13 @@ class SuiteOutcomes:
     def __init__(self) -> None:
         self.selected: set[str] = set()
         self.outcome: dict[str, str] = {}  # nodeid -> passed, failed, error, skipped
+        # The pytest-xdist controller collects nothing itself: it takes the suite's tests
+        # by their node id prefix from the workers' reports.
+        self.prefix: str | None = None
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if self.prefix is not None and report.nodeid.startswith(self.prefix):
+            self.selected.add(report.nodeid)
         if report.nodeid not in self.selected:
             return
         if report.failed:

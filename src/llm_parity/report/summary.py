@@ -28,8 +28,11 @@ def precision_summary(data: Mapping[str, Any]) -> list[str]:
         f"reference: hf on {reference.get('device')} in {reference.get('dtype')}",
         f"{protocol.get('prompt_count')} prompts ({protocol.get('prompts')}), first generated "
         f"token, top-{protocol.get('logprobs')} log-probs; gates from {protocol.get('thresholds')}",
-        "",
     ]
+    if candidate.get("workers"):
+        lines.append(f"prompts split across {candidate['workers']} workers (pytest-xdist), "
+                     "judged together")
+    lines.append("")
     configurations = data.get("configurations")
     if configurations:
         lines.append(f"gates of the base configuration, {configurations['base']}:")

@@ -81,11 +81,13 @@ def platform_of(device: str) -> str:
 
 def run_precision(settings: Settings, environment: dict[str, Any],
                   kept: dict[str, Any] | None = None,
-                  spare: dict[str, Any] | None = None) -> Run:
+                  spare: dict[str, Any] | None = None, exchange: Any = None) -> Run:
     """The whole precision run. With `kept` (a dict), the reference and candidate engines
     are left open in it, by role, for the public fixtures; the caller closes them. With
     `spare` (a dict), the last configuration's candidate engine is left open in it (engine,
-    spec, configuration) for the performance run to adopt."""
+    spec, configuration) for the performance run to adopt. With `exchange`
+    (runner/exchange.py), the candidate runs on this worker's share of the prompts and the
+    other workers' shares are read back."""
     from llm_parity.runner.environment import collect_environment
     from llm_parity.runner.tokenization import load_tokenizer, tokenize_prompts
 
@@ -182,12 +184,21 @@ def run_precision(settings: Settings, environment: dict[str, Any],
         holder = kept if configuration is settings.configurations[0] else None
         if spare is not None and configuration is order[-1]:
             holder = {}
+        def compute(part_settings, part_ids, part_depth, part_sequences, spec=spec,
+                    holder=holder, own_timings=own_timings, runs=configuration.runs):
+            return _run_engine(
+                backend, spec, part_ids, part_depth, k, part_settings, own_timings,
+                "candidate", vocab_size=vocab_size, sequences=part_sequences, kept=holder,
+                runs=runs)
+
         try:
-            candidate, candidate_info = _run_engine(
-                backend, spec, token_ids, depth, k, settings, own_timings, "candidate",
-                vocab_size=vocab_size, sequences=depth_sequences, kept=holder,
-                runs=configuration.runs,
-            )
+            if exchange is None:
+                candidate, candidate_info = compute(settings, token_ids, depth, depth_sequences)
+            else:
+                holder = None  # engines stay with their worker
+                candidate, candidate_info = exchange.answers(
+                    configuration.name, settings, token_ids, depth, depth_sequences,
+                    lambda *a: compute(*a, holder=None))
         except (EngineError, AnswerError) as exc:
             # Known only once the engine runs: this configuration fails alone, the others
             # are still judged.

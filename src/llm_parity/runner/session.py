@@ -28,6 +28,8 @@ class ParitySession:
         # build the same engine (else it is closed first: never two engines alive).
         self.hand_over = False
         self.spare: dict[str, Any] = {}
+        # Under pytest-xdist: the prompt shares of the workers (runner/exchange.py).
+        self.exchange: Any = None
 
     def gate_names(self) -> list[str]:
         """Every gate name the file can produce, on any platform, for this model."""
@@ -44,7 +46,8 @@ class ParitySession:
                 self.run = run_precision(
                     self.settings, self.environment,
                     self.engines if self.keep_engines else None,
-                    spare=self.spare if self.hand_over and not self.keep_engines else None)
+                    spare=self.spare if self.hand_over and not self.keep_engines else None,
+                    exchange=self.exchange)
             except BaseException as exc:
                 self.error = exc
                 raise

@@ -1,0 +1,106 @@
+"""pytest-xdist: `pytest -m precision -n N` gives each worker a share of the prompts, with
+its own engines, and the controller one verdict judged on all prompts.
+
+Each worker runs the candidate on its share before its first test (so no worker waits on
+one that has not started) and reads the others' shares back (runner/exchange.py): every
+worker judges the same gates on all prompts. The controller reads them too, once the
+workers are done, and writes the one verdict and report. The float32 reference and the
+noise floor must be in a golden store before the workers start.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from llm_parity.pytest_plugin.state import OUTCOMES_KEY, SESSION_KEY
+
+EXCHANGE = "llm_parity_exchange"
+
+
+def is_controller(config: pytest.Config) -> bool:
+    return (not hasattr(config, "workerinput")
+            and bool(config.getoption("numprocesses", None))
+            and config.getoption("dist", "no") != "no")
+
+
+def setup_controller(config: pytest.Config) -> None:
+    """Before the workers start: the store must exist, the exchange directory is made."""
+    session = config.stash[SESSION_KEY]
+    store = session.settings.reference_store
+    from llm_parity.runner.golden import ReferenceStore
+
+    if store is None or not ReferenceStore(store).exists():
+        where = f"--reference-store {store}" if store else "no --reference-store"
+        raise pytest.UsageError(
+            f"llm-parity: pytest -n splits the prompts across workers, which share the "
+            f"float32 reference through a golden store ({where}: "
+            f"{'it does not exist yet' if store else 'none given'}). Build it once first, "
+            "with the run's --model, --prompts, --long-prompts and --continuation: "
+            "llm-parity reference build DIR ..., then run pytest -n N --reference-store DIR")
+    config.pluginmanager.register(Controller(config), "llm-parity-xdist-controller")
+
+
+class Controller:
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.path = Path(tempfile.mkdtemp(prefix="llm-parity-exchange-"))
+        self.workers = 0
+        session = config.stash[SESSION_KEY]
+        thresholds = session.settings.thresholds_path
+        root = Path(config.rootpath).resolve()
+        prefix = (thresholds.relative_to(root).as_posix() if root in thresholds.parents
+                  else "llm-parity")
+        config.stash[OUTCOMES_KEY].prefix = prefix + "::"
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node) -> None:
+        node.workerinput[EXCHANGE] = str(self.path)
+        self.workers += 1
+
+    def finish(self) -> None:
+        """Read every worker's shares and build the run the verdict is made from."""
+        from llm_parity.runner.exchange import Exchange
+
+        session = self.config.stash[SESSION_KEY]
+        if session.attempted or not any(self.path.glob("*.pickle")):
+            return
+        session.exchange = Exchange(self.path, self.workers, index=None, wait_s=5.0)
+        try:
+            session.precision()
+        except Exception:  # noqa: BLE001 - kept in session.error, reported in the verdict
+            pass
+
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def setup_worker(config: pytest.Config) -> None:
+    """On a worker: its share of the prompts, and its share of the cores."""
+    from llm_parity.runner.exchange import Exchange
+
+    workerinput = config.workerinput  # type: ignore[attr-defined]
+    count = int(workerinput.get("workercount", 1))
+    index = int(str(workerinput["workerid"]).removeprefix("gw"))
+    config.stash[SESSION_KEY].exchange = Exchange(Path(workerinput[EXCHANGE]), count, index)
+    # Processes computing at once on shared cores slow each other down many times when
+    # each takes every core: give each its share, unless the user chose.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // count)))
+    config.pluginmanager.register(Worker(), "llm-parity-xdist-worker")
+
+
+class Worker:
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtestloop(self, session: pytest.Session):
+        state = session.config.stash[SESSION_KEY]
+        precision = ("test_prompt", "test_sequence", "test_decode", "test_gate")
+        if any(getattr(item, "originalname", "") in precision for item in session.items):
+            try:
+                state.precision()  # this worker's share first, then everyone's
+            except Exception:  # noqa: BLE001 - kept in session.error; each test raises it
+                pass
+        return (yield)

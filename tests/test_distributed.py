@@ -1,0 +1,85 @@
+"""Prompt sets split across pytest-xdist workers (`pytest -m precision -n 2`): the same
+verdict as one process on the same golden store, one JSON verdict and JUnit file written by
+the controller, and a clear refusal without a store. Real Transformers on the toy model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import junit_cases
+
+from llm_parity.runner.toymodel import toy_model_dir
+from llm_parity.testing.mutants import make_mutant
+
+pytestmark = pytest.mark.engine
+
+QUICK = ("--long-prompts", "none", "--continuation", "6")
+SAME = ("verdict", "gates", "prompts", "sequences", "decodes", "aggregate", "noise_floor",
+        "not_judged")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def torch_loaded_before_pytester():
+    """pytester drops modules first imported during a test; torch cannot be imported twice."""
+    import torch
+
+    return torch
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """The toy's reference and floor, built once, before any worker starts."""
+    where = tmp_path_factory.mktemp("shared")
+    done = subprocess.run([sys.executable, "-m", "llm_parity.cli", "reference", "build",
+                           "store", *QUICK], cwd=where, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return where / "store"
+
+
+def run(pytester, store, name, *args):
+    return pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-m", "precision", "--candidate", "hf", *QUICK,
+        "--reference-store", str(store), "--parity-json", f"{name}.json",
+        "--junitxml", f"{name}.xml", *args)
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["correct", "layer_noise"])
+def test_two_workers_give_the_single_process_verdict(pytester, store, read_json, broken):
+    extra = ()
+    if broken:
+        model = make_mutant(toy_model_dir(), pytester.path / "broken", "layer_noise")
+        extra = ("--candidate-model", str(model))
+    one = run(pytester, store, "one", *extra)
+    two = run(pytester, store, "two", "-n", "2", *extra)
+    assert one.ret == two.ret == (pytest.ExitCode.TESTS_FAILED if broken else 0)
+    assert "prompts split across 2 workers (pytest-xdist), judged together" in two.stdout.str()
+    single, split = read_json(pytester.path / "one.json"), read_json(pytester.path / "two.json")
+    for key in SAME:
+        assert single[key] == split[key], key
+    assert split["candidate"]["workers"] == 2
+    assert single["session"]["tests"] == split["session"]["tests"]
+    # Replayed on both sides: neither run built a reference or floor engine.
+    assert "reference_load_s" not in split["timings"]
+    cases_one = junit_cases(pytester.path / "one.xml")
+    cases_two = junit_cases(pytester.path / "two.xml")
+    assert {n: o for n, (o, _) in cases_one.items()} == {n: o for n, (o, _) in cases_two.items()}
+    assert cases_two["test_gate[kl_mean]"][1]["value"] == cases_one["test_gate[kl_mean]"][1]["value"]
+    if broken:
+        assert split["verdict"] == "fail"
+        assert "llm-parity" in two.stdout.str() and "verdict: FAIL" in two.stdout.str()
+
+
+def test_workers_without_a_store_are_refused_before_any_model(pytester, tmp_path):
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-m", "precision",
+                                           "--candidate", "hf", *QUICK, "-n", "2")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "pytest -n splits the prompts across workers" in result.stderr.str()
+    assert "llm-parity reference build DIR" in result.stderr.str()
+    missing = tmp_path / "nothing-here"
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-m", "precision",
+                                           "--candidate", "hf", *QUICK, "-n", "2",
+                                           "--reference-store", str(missing))
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert f"--reference-store {missing}: it does not exist yet" in result.stderr.str()
