@@ -83,3 +83,35 @@ def test_workers_without_a_store_are_refused_before_any_model(pytester, tmp_path
                                            "--reference-store", str(missing))
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert f"--reference-store {missing}: it does not exist yet" in result.stderr.str()
+
+
+def test_each_worker_can_be_given_its_own_devices():
+    from llm_parity.pytest_plugin.distributed import visible_devices
+
+    assert visible_devices(0, 1) == {"CUDA_VISIBLE_DEVICES": "0",
+                                     "ASCEND_RT_VISIBLE_DEVICES": "0"}
+    assert visible_devices(2, 4)["ASCEND_RT_VISIBLE_DEVICES"] == "8,9,10,11"
+
+
+def test_workers_see_the_devices_they_were_given(pytester, store):
+    # A user test in the same run reads the worker's environment.
+    pytester.makepyfile(test_env="""
+        import json, os
+        def test_where(request):
+            worker = os.environ["PYTEST_XDIST_WORKER"]
+            with open(f"env-{worker}.json", "w") as f:
+                json.dump({k: os.environ.get(k) for k in
+                           ("CUDA_VISIBLE_DEVICES", "ASCEND_RT_VISIBLE_DEVICES",
+                            "OMP_NUM_THREADS")}, f)
+    """)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--candidate", "hf", *QUICK, "--reference-store",
+        str(store), "-n", "2", "--devices-per-worker", "2", "--dist", "each", "test_env.py",
+        "-m", "not precision and not performance")
+    assert result.ret == 0, result.stdout.str()[-2000:]
+    import json
+
+    seen = {w: json.loads((pytester.path / f"env-{w}.json").read_text()) for w in ("gw0", "gw1")}
+    assert seen["gw0"]["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert seen["gw1"]["ASCEND_RT_VISIBLE_DEVICES"] == "2,3"
+    assert seen["gw0"]["OMP_NUM_THREADS"] is not None

@@ -77,6 +77,9 @@ OPTIONS = (
            "repeatable; placement across devices and memory tiers: device_map=auto, "
            "max_memory={\"cpu\": \"8GiB\"}, offload_folder=DIR (JSON for tables; "
            "default: [reference] options of the thresholds file, else none)", None, "list"),
+    Option("--devices-per-worker", "under pytest-xdist (-n N), give worker i the devices "
+           "i*K to i*K+K-1 through CUDA_VISIBLE_DEVICES and ASCEND_RT_VISIBLE_DEVICES; 0 "
+           "leaves them as they are (default: 0)", 0, "int"),
     Option("--configurations", "candidate configurations to judge, comma-separated names "
            "from [configurations] of the thresholds file, or 'all' (default: those marked "
            "default = true there for the candidate's backend; for vllm: compiled,eager)"),
@@ -106,6 +109,7 @@ class Settings:
     parity_reports: tuple[Path, ...]
     candidate_options: dict[str, Any] = field(default_factory=dict)
     reference_options: dict[str, Any] = field(default_factory=dict)
+    devices_per_worker: int = 0
     tensor_parallel_size: int = 1
     trust_remote_code: bool = False
     thresholds_explicit: bool = False
@@ -254,6 +258,8 @@ def build_settings(raw: dict[str, Any], rootdir: Path) -> Settings:
         ),
         candidate_options=options,
         reference_options=reference_options,
+        devices_per_worker=positive_int(raw.get("devices-per-worker", 0) or 0,
+                                        "--devices-per-worker", minimum=0),
         tensor_parallel_size=tp,
         trust_remote_code=bool(raw["trust-remote-code"]),
         thresholds_explicit=thresholds_explicit,

@@ -90,7 +90,19 @@ def setup_worker(config: pytest.Config) -> None:
     # Processes computing at once on shared cores slow each other down many times when
     # each takes every core: give each its share, unless the user chose.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // count)))
+    per_worker = config.stash[SESSION_KEY].settings.devices_per_worker
+    if per_worker:
+        os.environ.update(visible_devices(index, per_worker))
     config.pluginmanager.register(Worker(), "llm-parity-xdist-worker")
+
+
+VISIBILITY = ("CUDA_VISIBLE_DEVICES", "ASCEND_RT_VISIBLE_DEVICES")
+
+
+def visible_devices(index: int, per_worker: int) -> dict[str, str]:
+    """The visibility variables that give worker `index` its own `per_worker` devices."""
+    devices = ",".join(str(d) for d in range(index * per_worker, (index + 1) * per_worker))
+    return {name: devices for name in VISIBILITY}
 
 
 class Worker:
