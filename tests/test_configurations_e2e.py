@@ -88,7 +88,9 @@ def outcomes(pytester, result, read_json):
 def test_with_no_fault_every_shipped_configuration_passes(pytester, shared, read_json,
                                                           monkeypatch):
     monkeypatch.delenv("LLM_PARITY_VLLM_FAULT", raising=False)
-    result = run_matrix(pytester, shared, "eager,serial,chunked_prefill,prefix_cache")
+    # vLLM's own executor choice passes through and is recorded (mp: one process per rank).
+    result = run_matrix(pytester, shared, "eager,serial,chunked_prefill,prefix_cache",
+                        "--candidate-option", "distributed_executor_backend=mp")
     verdict, judged = outcomes(pytester, result, read_json)
     assert judged == {"eager": "pass", "serial": "pass", "chunked_prefill": "pass",
                       "prefix_cache": "pass"}, result.stdout.str()[-3000:]
@@ -97,6 +99,9 @@ def test_with_no_fault_every_shipped_configuration_passes(pytester, shared, read
     assert entries["chunked_prefill"]["engine_args"]["max_num_batched_tokens"] == 32
     assert entries["prefix_cache"]["runs"] == 2
     assert entries["prefix_cache"]["engine_args"]["enable_prefix_caching"] is True
+    assert all(e["engine_args"]["distributed_executor_backend"] == "mp"
+               for e in entries.values())
+    assert verdict["candidate"]["engine_args"]["distributed_executor_backend"] == "mp"
     # One request at a time gives the same first tokens as the batch, to bf16 noise.
     serial = entries["serial"]["vs_base"]["first_token"]
     assert serial["positions"] == 5 and serial["kl_ratio"] < 10
