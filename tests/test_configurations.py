@@ -36,14 +36,18 @@ def settings_with(tmp_path, **raw):
     ({"x": {"runs": True}}, "runs must be an integer >= 1, got True"),
     ({"x": {"args": "enforce_eager=true"}}, "args must be a table of engine arguments"),
     ({"x": {"default": "yes"}}, "default must be true or false, got 'yes'"),
-    ({"x": {"backend": 3}}, "backend must be one of hf, vllm, openai, got 3"),
-    ({"x": {"backend": "vlm"}}, "backend must be one of hf, vllm, openai, got 'vlm'"),
+    # (other tests register more backends at import: only the packaged ones are named here)
+    ({"x": {"backend": 3}}, "backend must be one of hf, vllm, openai"),
+    ({"x": {"backend": "vlm"}}, "backend must be one of hf, vllm, openai"),
     ({"x": 3}, "[configurations.x] must be a table"),
 ])
 def test_bad_configuration_tables_are_named(table, expected):
     with pytest.raises(ThresholdsError) as err:
         parse_configurations(table, "my.toml")
     assert str(err.value).startswith("my.toml: [configurations") and expected in str(err.value)
+    x = table.get("x")
+    if isinstance(x, dict) and "backend" in x:
+        assert str(err.value).endswith(f"got {x['backend']!r}")
 
 
 def test_a_configuration_declared_twice_is_refused_with_its_line(tmp_path):

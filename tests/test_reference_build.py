@@ -203,3 +203,17 @@ def test_a_device_map_naming_a_missing_device_stops_the_suite_before_any_model(p
             "devices") in result.stdout.str()
     verdict = json.loads((pytester.path / "v.json").read_text())
     assert verdict["verdict"] == "error" and "timings" not in verdict
+
+
+@pytest.mark.engine
+def test_a_suite_run_records_where_the_reference_was_placed(pytester, read_json):
+    pytest.importorskip("accelerate")
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-m", "precision", "--candidate", "hf", "--continuation",
+        "0", "--noise-floor", "off", "--reference-option", "device_map=auto",
+        "--reference-option", 'max_memory={"cpu": "3MB"}', "--reference-option",
+        f"offload_folder={pytester.path / 'offload'}", "--parity-json", "v.json")
+    assert result.ret == 0, result.stdout.str()[-3000:]
+    reference = read_json(pytester.path / "v.json")["reference"]  # schema-checked
+    assert reference["placement"] == {"disk": 1}
+    assert reference["options"]["device_map"] == "auto"
