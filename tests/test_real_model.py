@@ -46,7 +46,9 @@ def run(cwd: Path, model: Path, store: Path, *args: str) -> subprocess.Completed
 @needs_vllm
 def test_a_correct_vllm_port_of_real_weights_passes(smollm2, tmp_path, read_json):
     store = tmp_path / "store"
-    first = run(tmp_path, smollm2, store)
+    # Graph mode first (it writes the store), then eager from the store: both modes judged,
+    # one engine each (the README headline runs both in one session).
+    first = run(tmp_path, smollm2, store, "--configurations", "compiled")
     assert first.returncode == 0, first.stdout[-5000:] + first.stderr[-2000:]
     verdict = read_json(tmp_path / "verdict.json")
     assert verdict["verdict"] == "pass" and verdict["model"] == str(smollm2)
@@ -57,14 +59,13 @@ def test_a_correct_vllm_port_of_real_weights_passes(smollm2, tmp_path, read_json
     # The second run replays the stored reference and floor: nothing float32 is loaded.
     again = tmp_path / "again"
     again.mkdir()
-    # Judged in both default configurations; the replay judges eager alone (one engine
-    # start less) and must read what the first run's eager configuration read.
-    entries = {e["name"]: e for e in verdict["configurations"]["entries"]}
-    assert {n: e["verdict"] for n, e in entries.items()} == {"compiled": "pass", "eager": "pass"}
     second = run(again, smollm2, store, "--configurations", "eager")
     assert second.returncode == 0, second.stdout[-5000:]
     replayed = json.loads((again / "verdict.json").read_text())
+    assert replayed["verdict"] == "pass"
+    assert [e["name"] for e in replayed["configurations"]["entries"]] == ["eager"]
     assert "reference_load_s" not in replayed["timings"]
     assert "noise_floor_load_s" not in replayed["timings"]
-    assert [g["value"] for g in replayed["gates"]] == pytest.approx(
-        [g["value"] for g in entries["eager"]["gates"]], rel=0.05)
+    # The replayed floor is the one the first run measured.
+    for view, floor in verdict["noise_floor"]["views"].items():
+        assert replayed["noise_floor"]["views"][view]["kl_mean"] == floor["kl_mean"]
