@@ -181,9 +181,14 @@ def run_precision(settings: Settings, environment: dict[str, Any],
         spec = replace(candidate_spec, options={**candidate_spec.options, **configuration.args},
                        role=_candidate_role(backend, configuration))
         own_timings: dict[str, float] = {}
+        # Where the engine is left open: the fixtures' base engine, or the spare for the
+        # performance run; never under an exchange (engines stay with their worker).
         holder = kept if configuration is settings.configurations[0] else None
         if spare is not None and configuration is order[-1]:
             holder = {}
+        if exchange is not None:
+            holder = None
+
         def compute(part_settings, part_ids, part_depth, part_sequences, spec=spec,
                     holder=holder, own_timings=own_timings, runs=configuration.runs):
             return _run_engine(
@@ -195,10 +200,8 @@ def run_precision(settings: Settings, environment: dict[str, Any],
             if exchange is None:
                 candidate, candidate_info = compute(settings, token_ids, depth, depth_sequences)
             else:
-                holder = None  # engines stay with their worker
                 candidate, candidate_info = exchange.answers(
-                    configuration.name, settings, token_ids, depth, depth_sequences,
-                    lambda *a: compute(*a, holder=None))
+                    configuration.name, settings, token_ids, depth, depth_sequences, compute)
         except (EngineError, AnswerError) as exc:
             # Known only once the engine runs: this configuration fails alone, the others
             # are still judged.
