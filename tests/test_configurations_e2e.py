@@ -128,6 +128,14 @@ def test_a_bug_only_in_the_compiled_graph_fails_compiled_alone(pytester, shared,
     cases = junit_cases(pytester.path / "junit.xml")
     assert cases["test_gate[eager-kl_vs_floor]"][0] == "passed"
     assert cases["test_gate[compiled-kl_vs_floor]"][0] == "failure"
+    # Hooks cannot see inside a graph; the same engine run eagerly passed: said so, no
+    # layer named, no engine built for it.
+    loc = verdict["localization"]
+    assert loc["configuration"] == "compiled" and not loc["ran"]
+    assert "the error is in the compiled path" in loc["skipped"]
+    assert cases["test_localization"][0] == "skipped"
+    result.stdout.fnmatch_lines(["*where it diverges: not localized: configuration compiled "
+                                 "fails and eager, the same engine run eagerly, passes*"])
 
 
 THRESHOLDS_WITH = """
@@ -166,6 +174,12 @@ def test_chunk_and_cached_prefix_bugs_fail_their_configuration_alone(pytester, s
     assert "prefix_cache fails where eager passes: block_size=32, enable_prefix_caching=true" \
         in out
     assert "tiny_budget could not run: candidate (vllm, configuration tiny_budget)" in out
+    # Localized in the first failing configuration (its own engine, eager): every layer
+    # within its floor, since the fault tilts the logits after the final norm.
+    loc = verdict["localization"]
+    assert loc["configuration"] == "chunked_prefill" and loc["ran"], loc
+    assert (loc["module"], loc["where"]) == ("head", "output head"), loc["results"]
+    assert not loc["reused_engine"] and loc["engine_args"]["max_num_batched_tokens"] == 32
 
 
 @needs_vllm

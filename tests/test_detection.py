@@ -12,12 +12,21 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 from conftest import junit_cases, needs_vllm
 
 from llm_parity.runner.toymodel import toy_model_dir
-from llm_parity.testing.mutants import BENIGN, BROKEN, FOUNDING_GATES, detection, make_mutant
+from llm_parity.testing.mutants import (
+    BENIGN,
+    BROKEN,
+    FOUNDING_GATES,
+    detection,
+    expected_location,
+    location_matches,
+    make_mutant,
+)
 
 pytestmark = [pytest.mark.engine]
 
@@ -69,12 +78,30 @@ def run_candidate(pytester, golden, model, name):
 
 
 def failed_tests(pytester) -> set[str]:
-    """Failed test names, the configuration part of their ids taken off (these runs judge
-    the eager configuration alone: test_gate[eager-kl_mean] -> test_gate[kl_mean])."""
+    """Failed gate and prompt tests, the configuration part of their ids taken off (these
+    runs judge the eager configuration alone: test_gate[eager-kl_mean] ->
+    test_gate[kl_mean]); test_localization is checked on its own."""
     cases = junit_cases(pytester.path / "junit.xml")
+    cases.pop("test_localization", None)
     assert all("[eager-" in name for name in cases), sorted(cases)[:3]
     return {name.replace("[eager-", "[", 1) for name, (outcome, _) in cases.items()
             if outcome in ("failure", "error")}
+
+
+def assert_localized(pytester, verdict, name, out):
+    """Localization, in the eager engine the run had just used, names where the mutant
+    broke the model; the verdict, the failing test_localization's JUnit properties and the
+    terminal say the same."""
+    loc = verdict["localization"]
+    config = json.loads((toy_model_dir() / "config.json").read_text())
+    expected = expected_location(name, config)
+    assert loc["ran"] and loc["failed"] and loc["configuration"] == "eager", loc
+    assert loc["reused_engine"], "localization built a second eager engine"
+    found = SimpleNamespace(diverged=loc["diverged"], layer=loc["layer"], module=loc["module"])
+    assert location_matches(expected, found), (name, expected, loc["where"], loc["results"])
+    outcome, props = junit_cases(pytester.path / "junit.xml")["test_localization"]
+    assert outcome == "failure" and props["where"] == loc["where"]
+    assert f"  {loc['where']}" in out
 
 
 @needs_vllm
@@ -99,9 +126,11 @@ def test_a_broken_port_fails_with_the_gate_that_caught_it(pytester, models, gold
     failing_prompts = {f"{views[key]}[{entry['id']}]" for key in views
                        for entry in verdict[key] if not entry["passed"]}
     assert failing_prompts == {n for n in failed if not n.startswith("test_gate[")}
-    # The reference came from the store: no float32 model was loaded for this run.
+    # The reference came from the store: no float32 model was loaded for the comparison
+    # (localization loads it, to capture its layers).
     assert "reference_store_load_s" in verdict["timings"]
     assert "reference_load_s" not in verdict["timings"]
+    assert_localized(pytester, verdict, name, out)
 
 
 @needs_vllm
@@ -110,6 +139,7 @@ def test_a_benign_change_passes(pytester, models, golden, name):
     result, verdict, row = run_candidate(pytester, golden, models[name], name)
     assert result.ret == 0, result.stdout.str()[-3000:]
     assert verdict["verdict"] == "pass" and not row["failed_gates"]
+    assert verdict["localization"]["skipped"].startswith("the candidate passed")
 
 
 @needs_vllm
@@ -123,3 +153,4 @@ def test_the_full_suite_catches_what_the_founding_protocol_lets_through(
     assert not row["founding_caught"], row["failed_gates"]
     assert set(row["failed_gates"]) - set(FOUNDING_GATES) or row["failed_prompt_gates"]
     assert all(f"test_gate[{g}]" not in failed_tests(pytester) for g in FOUNDING_GATES)
+    assert_localized(pytester, verdict, name, result.stdout.str())

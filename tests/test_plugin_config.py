@@ -127,12 +127,13 @@ def test_collects_the_suite_from_the_thresholds_file(pytester):
         "thresholds.toml::test_sequence[[]p001[]]",
         "thresholds.toml::test_decode[[]p002[]]",
         "thresholds.toml::test_gate[[]kl_mean[]]",
+        "thresholds.toml::test_localization",
     ])
-    assert f"{2 + 2 * (2 + long_prompt_count()) + 1} tests collected" in result.stdout.str()
+    assert f"{2 + 2 * (2 + long_prompt_count()) + 1 + 1} tests collected" in result.stdout.str()
     # --continuation 0 keeps to the founding protocol: first token only.
     founding = pytester.runpytest_subprocess("--collect-only", "-q", "--prompts", "prompts.txt",
                                              "--continuation", "0")
-    assert "3/5 tests collected (2 deselected)" in founding.stdout.str()
+    assert "4/6 tests collected (2 deselected)" in founding.stdout.str()
 
 
 def test_packaged_suite_runs_when_asked_without_a_local_file(pytester):
@@ -145,7 +146,8 @@ def test_packaged_suite_runs_when_asked_without_a_local_file(pytester):
     assert "llm-parity::test_sequence[rag-01]" in out and "llm-parity::test_decode[rag-25]" in out
     gates = len(load_thresholds(packaged_thresholds_path()).gates)
     # -m precision leaves the performance tests out.
-    assert f"{25 + 2 * (25 + long_prompt_count()) + gates}/" in out and "deselected" in out
+    assert f"{25 + 2 * (25 + long_prompt_count()) + gates + 1}/" in out and "deselected" in out
+    assert "llm-parity::test_localization" in out
     assert "test_benchmark" not in out
 
 
@@ -160,7 +162,8 @@ def test_vllm_suite_ids_carry_the_configuration(pytester):
         assert f"llm-parity::test_gate[{name}-kl_mean]" in out
         assert f"llm-parity::test_decode[{name}-rag-25]" in out
     gates = len(load_thresholds(packaged_thresholds_path()).gates)
-    assert f"{2 * (25 + 2 * (25 + long_prompt_count()) + gates)}/" in out
+    # test_localization once: it localizes one configuration, the first that fails.
+    assert f"{2 * (25 + 2 * (25 + long_prompt_count()) + gates) + 1}/" in out
     chosen = pytester.runpytest_subprocess("--collect-only", "-q", "-m", "precision",
                                            "--candidate", "vllm",
                                            "--configurations", "serial,prefix_cache")

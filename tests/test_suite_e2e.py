@@ -39,10 +39,10 @@ QUICK = ("--long-prompts", "none", "--continuation", "8")
 
 def suite_size(long_prompts=True, configurations=1):
     """How many tests the packaged suite holds: prompts, depth prompts twice, gates; once
-    per candidate configuration judged."""
+    per candidate configuration judged; and test_localization once."""
     long_count = len(load_prompts(packaged_prompts_path("rag_long"))) if long_prompts else 0
-    return configurations * (25 + 2 * (25 + long_count)
-                             + len(load_thresholds(packaged_thresholds_path()).gates))
+    return 1 + configurations * (25 + 2 * (25 + long_count)
+                                 + len(load_thresholds(packaged_thresholds_path()).gates))
 
 
 def run_suite(pytester, *args):
@@ -64,7 +64,8 @@ def check_verdict_shape(verdict):
 
 
 def test_hf_candidate_passes_with_every_value_recorded(pytester, read_json):
-    result = run_suite(pytester, "--candidate", "hf")
+    # --localize always: a passing port is localized too, and names nothing.
+    result = run_suite(pytester, "--candidate", "hf", "--localize", "always")
     assert result.ret == 0, result.stdout.str()
     result.assert_outcomes(passed=suite_size())
     out = result.stdout.str()
@@ -105,6 +106,12 @@ def test_hf_candidate_passes_with_every_value_recorded(pytester, read_json):
     outcome, props = cases["test_decode[long-08]"]
     assert outcome == "passed" and "agreed_steps" in props and "kl_mean" in props
     assert "teacher-forced: 1056 positions over 33 prompts" in out
+    loc = verdict["localization"]
+    assert loc["ran"] and not loc["diverged"] and not loc["failed"] and loc["where"] == ""
+    assert max(p["ratio"] for p in loc["results"][0]["points"]) < 2.5
+    assert "  nothing diverges: every captured point within 5x its bf16 floor" in out
+    outcome, props = cases["test_localization"]
+    assert outcome == "passed" and props["diverged"] == "False"
 
 
 @needs_vllm
@@ -112,7 +119,7 @@ def test_vllm_candidate_passes_on_the_toy_model(pytester, read_json):
     # No --configurations: the vllm candidate is judged in graph mode and in eager mode.
     result = run_suite(pytester, "--candidate", "vllm")
     assert result.ret == 0, result.stdout.str()
-    result.assert_outcomes(passed=suite_size(configurations=2))
+    result.assert_outcomes(passed=suite_size(configurations=2) - 1, skipped=1)
     verdict = read_json(pytester.path / "verdict.json")
     check_verdict_shape(verdict)
     block = verdict["configurations"]

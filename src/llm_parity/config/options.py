@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from llm_parity.compare.localize import MODES as LOCALIZE_MODES
+from llm_parity.compare.localize import LocalizeSettings
 from llm_parity.config.checkpoint import check_checkpoint_dir, is_local_reference
 from llm_parity.config.prompts import Prompt, PromptSet, load_prompts, packaged_prompts_path
 from llm_parity.config.thresholds import Thresholds, ThresholdsFile, packaged_thresholds_path
@@ -83,6 +85,9 @@ OPTIONS = (
     Option("--configurations", "candidate configurations to judge, comma-separated names "
            "from [configurations] of the thresholds file, or 'all' (default: those marked "
            "default = true there for the candidate's backend; for vllm: compiled,eager)"),
+    Option("--localize", "when a failing port is localized to its first diverging layer and "
+           "module: on-failure, always or off (default: mode under [localize] of the "
+           "thresholds file, else on-failure)"),
     Option("--tensor-parallel-size", "tensor-parallel size of the vllm candidate (default: 1)",
            1, "int"),
     Option("--trust-remote-code", "allow the checkpoint's own Python code (default: off)",
@@ -123,12 +128,16 @@ class Settings:
     strict_gates: bool = False
     # The candidate configurations judged, the base first (see config/configurations.py).
     configurations: tuple[Configuration, ...] = ()
+    # When and how a failing port is localized ([localize], --localize over its mode).
+    localize: LocalizeSettings = None  # type: ignore[assignment]  # None: the file's
     # The thresholds file parsed and validated once (read from thresholds_path when not given).
     thresholds_file: ThresholdsFile = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.thresholds_file is None:
             object.__setattr__(self, "thresholds_file", ThresholdsFile.read(self.thresholds_path))
+        if self.localize is None:
+            object.__setattr__(self, "localize", self.thresholds_file.localize)
         if not self.configurations:
             object.__setattr__(self, "configurations", select_configurations(
                 self.thresholds_file.configurations, resolve_candidate_backend(self.candidate),
@@ -240,6 +249,13 @@ def build_settings(raw: dict[str, Any], rootdir: Path) -> Settings:
     configurations = select_configurations(
         thresholds_file.configurations, resolve_candidate_backend(candidate),
         raw["configurations"], str(thresholds_path))
+    localize = thresholds_file.localize
+    if raw.get("localize"):
+        mode = str(raw["localize"]).lower()
+        if mode not in LOCALIZE_MODES:
+            raise SettingsError(f"--localize: expected one of {', '.join(LOCALIZE_MODES)}, "
+                                f"got {raw['localize']!r}")
+        localize = replace(localize, mode=mode)
     return Settings(
         model=raw["model"],
         candidate=candidate,
@@ -273,6 +289,7 @@ def build_settings(raw: dict[str, Any], rootdir: Path) -> Settings:
         strict_gates=bool(raw["strict-gates"]),
         thresholds_file=thresholds_file,
         configurations=configurations,
+        localize=localize,
     )
 
 

@@ -34,6 +34,8 @@ from llm_parity.compare.gates import (
     GridCase,
     Thresholds,
 )
+from llm_parity.compare.localize import MODES as LOCALIZE_MODES
+from llm_parity.compare.localize import LocalizeSettings
 from llm_parity.compare.metrics import AGGREGATES
 from llm_parity.config.configurations import parse_configurations
 from llm_parity.errors import ThresholdsError
@@ -42,7 +44,7 @@ _GATE_KEYS = ("metric", "aggregate", "min", "max", "over", "mode", "enabled", "d
               "excuse_near_ties",
               "relative_to", "conservative")
 _TOP_KEYS = ("schema_version", "precision", "performance", "platforms", "models",
-             "configurations", "reference")
+             "configurations", "reference", "localize")
 _PRECISION_KEYS = ("gates", "prompt_gates", "near_tie_margin", "strict")
 _PERFORMANCE_KEYS = ("grid", "warmup_rounds", "rounds", "max_cv", "gates")
 _GRID_KEYS = ("mode", "input_len", "output_len")
@@ -65,6 +67,8 @@ class ThresholdsFile:
         self.configurations = parse_configurations(data.get("configurations", {}), source)
         # [reference] options: from_pretrained arguments of the reference (placement).
         self.reference_options = _reference_options(data.get("reference", {}), source)
+        # [localize]: when and how a failing port is localized to a layer.
+        self.localize = _localize_settings(data.get("localize", {}), source)
         self._resolved: dict[tuple[str | None, str | None], Thresholds] = {}
         # Every merged combination is checked now, before any model loads: an override
         # can turn a valid base gate into an invalid one (a rate of a KL, a min on a ratio).
@@ -167,6 +171,22 @@ def resolve_thresholds(
 ) -> Thresholds:
     """Validate the whole document, then merge the matching overrides over the base."""
     return ThresholdsFile(data, source).resolve(platform, model)
+
+
+def _localize_settings(table: Any, source: str) -> LocalizeSettings:
+    _check_keys(table, ("mode", "ratio", "prompts"), source, "localize")
+    mode = table.get("mode", LocalizeSettings.mode)
+    if mode not in LOCALIZE_MODES:
+        raise _fail(source, "localize", f"mode must be one of {', '.join(LOCALIZE_MODES)}, "
+                    f"got {mode!r}")
+    ratio = table.get("ratio", LocalizeSettings.ratio)
+    if not (_is_number(ratio) and ratio > 1):
+        raise _fail(source, "localize", "ratio must be a number above 1 (a multiple of each "
+                    f"layer's bf16 floor), got {ratio!r}")
+    prompts = table.get("prompts", LocalizeSettings.prompts)
+    if not (isinstance(prompts, int) and not isinstance(prompts, bool) and prompts >= 1):
+        raise _fail(source, "localize", f"prompts must be an integer >= 1, got {prompts!r}")
+    return LocalizeSettings(mode=mode, ratio=float(ratio), prompts=prompts)
 
 
 def _reference_options(table: Any, source: str) -> dict[str, Any]:

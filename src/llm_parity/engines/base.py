@@ -94,6 +94,17 @@ class Engine(abc.ABC):
         raise EngineError(f"the {self.backend} backend cannot decode")
 
     @classmethod
+    def capture_options(cls, options: dict[str, Any]) -> dict[str, Any] | None:
+        """Constructor options of an engine like one built with `options` whose layers can
+        be captured, or None where this backend cannot capture (a served candidate)."""
+        return None
+
+    def capture(self, token_ids: Sequence[int], positions: Sequence[int]) -> dict[str, Any]:
+        """Every layer's output (engines/capture.py names the points) at the given positions
+        of one sequence, as float32 arrays (positions x hidden): what localization compares."""
+        raise EngineError(f"the {self.backend} backend cannot capture layer outputs")
+
+    @classmethod
     def benchmark_options(cls, mode: str) -> dict[str, Any] | None:
         """Constructor options for an execution mode ("eager" or "compiled") in a benchmark,
         or None when this backend has no such mode."""

@@ -191,6 +191,23 @@ class HfEngine(Engine):
             results.append(Decoded(tokens, views))
         return results
 
+    @classmethod
+    def capture_options(cls, options: dict[str, Any]) -> dict[str, Any] | None:
+        return dict(options)
+
+    def capture(self, token_ids: Sequence[int], positions: Sequence[int]) -> dict[str, Any]:
+        from llm_parity.engines.capture import Recorder
+
+        recorder = Recorder(self.model, positions, fused_residual=False)
+        keep = {"logits_to_keep": 1} if self._keeps_logits else {}
+        try:
+            with self._torch.inference_mode():
+                self.model(input_ids=self._torch.tensor([list(token_ids)], device=self.device),
+                           **keep)
+        finally:
+            recorder.remove()
+        return recorder.result()
+
     def generate_timed(self, prompts: Sequence[Sequence[int]], output_len: int) -> list[Timing]:
         """Greedy decoding with the KV cache, one prompt after another, timed per token.
 

@@ -18,6 +18,7 @@ from llm_parity.errors import EngineError
 # On CPU, vLLM otherwise reserves a share of the NUMA node's memory for the KV cache
 # (~5 GB resident even for the toy model); 1 GiB holds ~10k tokens of Pleias-RAG-350M.
 CPU_KV_CACHE_BYTES = 1 << 30
+CAPTURE_EXTENSION = "llm_parity.engines.vllm_capture.CaptureExtension"
 
 
 def platform_device() -> str:
@@ -86,6 +87,9 @@ class VllmEngine(Engine):
             kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
         kwargs.update(spec.options)
         self.engine_args = {k: v for k, v in kwargs.items() if k not in ("model", "tokenizer")}
+        # The suite's own instrument, not an engine setting: adds the layer-capture methods
+        # (engines/vllm_capture.py) to each worker; nothing runs until a capture asks.
+        kwargs.setdefault("worker_extension_cls", CAPTURE_EXTENSION)
         try:
             self.llm = vllm.LLM(**kwargs)
         except Exception as exc:  # vLLM raises many types here; all mean "could not build"
@@ -155,6 +159,34 @@ class VllmEngine(Engine):
                     [_top_k(step, k) for step in out.outputs[0].logprobs])
             for out in outputs
         ]
+
+    @classmethod
+    def capture_options(cls, options: dict[str, Any]) -> dict[str, Any] | None:
+        # Hooks fire only when the modules are called: the same engine, run eagerly.
+        return {**options, "enforce_eager": True}
+
+    def capture(self, token_ids: Sequence[int], positions: Sequence[int]) -> dict[str, Any]:
+        """Layer outputs from inside the engine's workers, through the worker extension. Hooks
+        fire only in eager mode: a compiled graph runs without calling the modules."""
+        from vllm import SamplingParams
+
+        from llm_parity.engines.capture import unpack
+
+        if not self.engine_args.get("enforce_eager"):
+            raise EngineError(f"{self.spec.role}: layer capture needs an eager engine "
+                              "(enforce_eager=True): a compiled graph bypasses module hooks")
+        if self.engine_args.get("worker_extension_cls", CAPTURE_EXTENSION) != CAPTURE_EXTENSION:
+            raise EngineError(f"{self.spec.role}: layer capture needs the suite's worker "
+                              "extension, and this engine was given another "
+                              "(worker_extension_cls)")
+        self.llm.reset_prefix_cache()  # a cached prefix would skip the rows to capture
+        self.llm.collective_rpc("llm_parity_capture_start", args=(list(map(int, positions)),))
+        try:
+            params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+            self._generate([token_ids], params, "capturing layer outputs")
+        finally:
+            packed = self.llm.collective_rpc("llm_parity_capture_stop")[0]
+        return unpack(packed)
 
     @classmethod
     def benchmark_options(cls, mode: str) -> dict[str, Any] | None:

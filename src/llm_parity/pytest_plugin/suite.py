@@ -15,6 +15,8 @@ from llm_parity.pytest_plugin.state import parity_session
 from llm_parity.pytest_plugin.suite_performance import *  # noqa: F401,F403
 from llm_parity.report.messages import (
     gate_failure_message,
+    localization_lines,
+    localization_properties,
     prompt_failure_message,
     prompt_properties,
 )
@@ -104,3 +106,19 @@ def test_gate(parity_run, parity_configuration, gate_name, request):
         pytest.skip(message)
     pytest.skip(f"gate {gate_name} is not among the gates for platform "
                 f"{parity_run.candidate.get('device')} and model {parity_run.reference_model.name}")
+
+
+@pytest.mark.precision
+def test_localization(parity_run, request):
+    """Where the candidate first diverges: every layer's output against its own bf16 floor
+    (runner/localize.py). Fails with the answer when the configuration it localized failed
+    its gates; skips, saying why, when it did not run."""
+    localization = parity_run.localization
+    if localization is None:
+        pytest.skip("localization did not run")
+    data = localization.as_dict()
+    request.node.user_properties += localization_properties(data)
+    if data["skipped"]:
+        pytest.skip(data["skipped"])
+    if data["failed"]:
+        pytest.fail("\n".join(localization_lines(data)), pytrace=False)

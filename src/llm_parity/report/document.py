@@ -109,6 +109,7 @@ def build_blocks(data: dict[str, Any], generated: str | None = None) -> list[Blo
     blocks.append(_banner(data))
     blocks += _gates(data)
     blocks += _configurations(data)
+    blocks += _localization(data)
     blocks += _model(data)
     blocks += _environment(data)
     blocks += _prompts(data)
@@ -274,6 +275,60 @@ def _configurations(data: dict[str, Any]) -> list[Block]:
         blocks.append(Table(["configuration", "view", "positions", "top-1 agreement",
                              "top-1 differences", f"KL / {base}'s", "95% interval",
                              "gap in floors"], compared, numeric={2, 3, 5, 7}))
+    return blocks
+
+
+def _localization(data: dict[str, Any]) -> list[Block]:
+    loc = data.get("localization")
+    if not loc or (loc.get("skipped") and data.get("verdict") == "pass"
+                   and loc.get("mode") != "always"):
+        return []
+    blocks: list[Block] = [Heading(2, "Where it diverges")]
+    if loc.get("skipped") or loc.get("error"):
+        blocks.append(Para(("Not localized: " + loc["skipped"]) if loc.get("skipped")
+                           else "Localization could not finish: " + loc["error"]))
+        return blocks
+    head = next((r for r in loc["results"] if r["where"] == loc["where"]), loc["results"][0])
+    blocks.append(Para(
+        f"The worst prompt, **{head['prompt_id']}** ({len(head['positions'])} positions of the "
+        f"{head['view'].replace('_', '-')} view), ran again through the reference, the "
+        f"{head.get('floor_dtype') or 'rounding'} floor and the candidate (configuration "
+        f"**{loc['configuration']}**) with every layer's output captured. Each point's "
+        "difference from the reference is shown as a multiple of the floor's difference at "
+        "the same point, so the growth of rounding error with depth is taken out: a correct "
+        f"port sits near 1x everywhere; above {fmt(head['limit'])}x a point has diverged."))
+    if loc["diverged"]:
+        answer = f"First diverging: **{loc['where']}**."
+        before = [p["ratio"] for p in head["points"] if p["module"] == "output"
+                  and head["layer"] is not None and p["layer"] < head["layer"]]
+        if before:
+            answer += (f" The {len(before)} layers before it are within "
+                       f"{fmt(max(before))}x their floors.")
+    else:
+        answer = "No captured point diverges: every layer is within its floor."
+    blocks.append(Para(answer))
+    notes = [n for n in (head.get("note"), loc.get("note"))
+             if n and n != "every captured point is within its floor"]
+    if notes:
+        blocks.append(Bullets(notes))
+    stream = [p for p in head["points"] if p["module"] in ("embed", "output", "final_norm")]
+    labels = ["embedding" if p["module"] == "embed" else "final norm"
+              if p["module"] == "final_norm" else f"layer {p['layer']}" for p in stream]
+    blocks.append(Figure(plots.prompt_bars(
+        labels, [p["ratio"] for p in stream], title="Ratio to the bf16 floor, by layer",
+        lines=[plots.Line(head["limit"], f"limit {fmt(head['limit'])}x"),
+               plots.Line(1.0, "floor (1x)", dashed=True)],
+        failed=[p["diverged"] for p in stream],
+        axis_note="each layer's output (the residual stream) against the same point of the "
+                  "floor"), "Each layer's difference from the reference, in floors."))
+    if head["layer"] is not None:
+        inside = [p for p in head["points"] if p["layer"] == head["layer"]]
+        blocks.append(Para(f"Inside layer {head['layer']}, in the order a token passes them:"))
+        blocks.append(Table(
+            ["point", "candidate error", "floor error", "ratio"],
+            [[p["name"], _value(p["error"]), _value(p["floor"]),
+              Status(f"{fmt(p['ratio'])}x", not p["diverged"])] for p in inside],
+            numeric={1, 2, 3}))
     return blocks
 
 

@@ -4,6 +4,7 @@ comparison's results while the tests run."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from llm_parity.compare.gates import GateResult, higher_is_better
@@ -144,3 +145,65 @@ def gate_failure_message(result: GateResult, precision: PrecisionResult) -> str:
                           for v, p in worst_prompts(precision, gate.metric, view=gate.over))
         lines.append(f"  worst prompts: {worst}")
     return "\n".join(lines)
+
+
+def localization_lines(loc: Mapping[str, Any]) -> list[str]:
+    """The verdict's `localization` block in words: where the candidate first diverges, the
+    layers shown to be within their floors before it, each layer's ratio to its floor."""
+    if loc.get("skipped"):
+        return [f"where it diverges: not localized: {loc['skipped']}"]
+    if loc.get("error"):
+        return [f"where it diverges: localization could not finish: {loc['error']}"]
+    head = next((r for r in loc["results"] if r["where"] == loc["where"]),
+                loc["results"][0] if loc["results"] else None)
+    if head is None:
+        return []
+    lines = [f"where it diverges (configuration {loc['configuration']}, prompt "
+             f"{head['prompt_id']}, {head['view'].replace('_', '-')} view, "
+             f"{len(head['positions'])} positions):"]
+    named = next((p for p in head["points"] if p["layer"] == head["layer"]
+                  and p["module"] == head["module"]), None)
+    before = [p["ratio"] for p in head["points"]
+              if p["module"] in ("embed", "output") and head["layer"] is not None
+              and (p["layer"] is None or p["layer"] < head["layer"])]
+    if not loc["diverged"]:
+        lines.append(f"  nothing diverges: every captured point within {fmt(head['limit'])}x "
+                     "its bf16 floor")
+    else:
+        text = f"  {loc['where']}"
+        if named is not None:
+            text += f": {fmt(named['ratio'])}x its bf16 floor (limit {fmt(head['limit'])}x)"
+        if before:
+            text += (f"; the {len(before) - 1} layers before it within {fmt(max(before))}x"
+                     " their floors" if len(before) > 1 else
+                     f"; the embedding before it within {fmt(max(before))}x its floor")
+        lines.append(text)
+    stream = [(p, "embed" if p["module"] == "embed" else "norm" if p["module"] == "final_norm"
+               else str(p["layer"])) for p in head["points"]
+              if p["module"] in ("embed", "output", "final_norm")]
+    lines.append("  ratio to floor by layer: " + " ".join(
+        f"{label}:{fmt(p['ratio'])}" for p, label in stream))
+    for note in (head.get("note"), loc.get("note")):
+        if note and note != "every captured point is within its floor":
+            lines.append(f"  {note}")
+    return lines
+
+
+def localization_properties(loc: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """JUnit properties of test_localization."""
+    props: list[tuple[str, Any]] = [("localize_mode", loc["mode"])]
+    if loc.get("skipped"):
+        return props + [("localized", False), ("reason", loc["skipped"])]
+    if loc.get("error"):
+        return props + [("localized", False), ("error", loc["error"])]
+    props += [("localized", True), ("configuration", loc["configuration"]),
+              ("diverged", loc["diverged"]), ("where", loc["where"]),
+              ("layer", "" if loc["layer"] is None else loc["layer"]),
+              ("module", loc["module"] or "")]
+    head = next((r for r in loc["results"] if r["where"] == loc["where"]), None)
+    if head is not None:
+        props += [("prompt_id", head["prompt_id"]), ("positions", len(head["positions"])),
+                  ("limit", head["limit"])]
+        props += [(f"ratio.{p['name']}", p["ratio"]) for p in head["points"]
+                  if p["module"] in ("embed", "output", "final_norm")]
+    return props

@@ -12,6 +12,7 @@ from llm_parity.compare.gates import GridCase
 from llm_parity.compare.metrics import aggregate
 from llm_parity.compare.performance import REFERENCE, performance_gate_message, speedup_pairs
 from llm_parity.report.text import fmt, text_table
+from llm_parity.report.messages import localization_lines
 from llm_parity.report.verdict import TAIL_WARNING, kl_by_bucket
 
 _VIEWS = (("prompts", "first token"), ("sequences", "sequence"), ("decodes", "decode"))
@@ -65,6 +66,10 @@ def precision_summary(data: Mapping[str, Any]) -> list[str]:
     lines.append("worst KL: " + ", ".join(f"{p['id']} {fmt(p['kl'])}" for p in worst))
     lines += _depth_lines(data)
     lines += _noise_floor_lines(data)
+    localization = data.get("localization")
+    if localization and (not localization.get("skipped") or data["verdict"] != "pass"
+                         or localization.get("mode") == "always"):
+        lines += localization_lines(localization)
     tail = (data.get("aggregate") or {}).get("p_tail_max")
     if tail is not None and tail > TAIL_WARNING:
         lines.append(f"warning: up to {fmt(tail)} of the reference mass lies outside the "

@@ -133,6 +133,8 @@ def verdict_dict(session: ParitySession) -> dict[str, Any]:
     }
     if configurations is not None:
         out["configurations"] = configurations
+    if run.localization is not None:
+        out["localization"] = run.localization.as_dict()
     return out
 
 

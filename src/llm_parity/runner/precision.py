@@ -50,6 +50,11 @@ class Run:
     # Every configuration judged, in the order asked; `candidate` and `precision` above are
     # the base's (the first that ran).
     configurations: tuple[ConfigurationRun, ...] = ()
+    backend: str = ""  # the candidate backend, resolved
+    candidate_spec: EngineSpec | None = None  # before any configuration's arguments
+    # The depth views' scored sequences (prompt + the reference's continuation), by prompt.
+    sequences: dict[str, list[int]] = field(default_factory=dict)
+    localization: Any = None  # runner/localize.py's LocalizationRun, once it has run
 
     def configuration(self, name: str) -> ConfigurationRun:
         return next(c for c in self.configurations if c.name == name)
@@ -253,6 +258,10 @@ def run_precision(settings: Settings, environment: dict[str, Any],
         tokenizer=tokenizer,
         reference_spec=reference_spec,
         configurations=tuple(configurations),
+        backend=backend,
+        candidate_spec=candidate_spec,
+        sequences={p.id: list(ids) for p, ids in zip(depth[0], depth_sequences)} if depth
+        else {},
     )
 
 

@@ -43,11 +43,17 @@ class ParitySession:
         if not self.attempted:
             self.attempted = True
             try:
+                # The last candidate engine is left over for the performance run, and for
+                # localization, which reuses it when it is the engine it needs.
+                leave = self.hand_over or self.settings.localize.mode != "off"
                 self.run = run_precision(
                     self.settings, self.environment,
                     self.engines if self.keep_engines else None,
-                    spare=self.spare if self.hand_over and not self.keep_engines else None,
+                    spare=self.spare if leave and not self.keep_engines else None,
                     exchange=self.exchange)
+                self.run.localization = self._localize(self.run)
+                if not self.hand_over:
+                    self.close_spare()
             except BaseException as exc:
                 self.error = exc
                 raise
@@ -55,6 +61,22 @@ class ParitySession:
             raise self.error
         assert self.run is not None
         return self.run
+
+    def _localize(self, run: Run) -> Any:
+        """Localization after the precision run (runner/localize.py); its own failure is
+        recorded, never the run's."""
+        from llm_parity.runner.localize import LocalizationRun, localize_run
+
+        mode = self.settings.localize.mode
+        if self.exchange is not None and mode != "off":
+            return LocalizationRun(mode, skipped=(
+                "not under pytest-xdist: localize with one process, from the same "
+                "--reference-store"))
+        try:
+            return localize_run(self.settings, run, self.engines if self.keep_engines else None,
+                                self.spare)
+        except Exception as exc:  # a diagnosis that breaks must not break the verdict
+            return LocalizationRun(mode, error=f"{type(exc).__name__}: {exc}")
 
     def take_spare(self, spec: EngineSpec) -> tuple[Any, str] | None:
         """The precision run's left-over engine and its configuration, if `spec` would build

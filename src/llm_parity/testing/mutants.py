@@ -11,6 +11,7 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 Mutant = Callable[[Path], None]
 
@@ -259,6 +260,81 @@ def nan_weights(path: Path) -> None:
     _edit_weights(path, edit)
 
 
+# ------------------------------------------------- broken at one known place (localization)
+
+
+def head_swapped(path: Path, layer: int = 0) -> None:
+    """Two query heads of one layer swapped (a head permutation lost in a conversion): each
+    head's output reaches the output projection in the other's columns."""
+    config = _config(path)
+    heads = config["num_attention_heads"]
+
+    def edit(tensors):
+        name = f"model.layers.{layer}.self_attn.q_proj.weight"
+        split = _heads(tensors[name].clone(), heads)
+        split[[0, 1]] = split[[1, 0]]
+        tensors[name] = split.reshape(tensors[name].shape).contiguous()
+        return tensors
+
+    _edit_weights(path, edit)
+
+
+def gate_up_swapped_middle(path: Path) -> None:
+    """Gate and up projections swapped in the middle layer only (one shard of a fused
+    gate_up matrix split in the wrong order)."""
+    middle = _config(path)["num_hidden_layers"] // 2
+
+    def edit(tensors):
+        gate = f"model.layers.{middle}.mlp.gate_proj.weight"
+        up = gate.replace("gate_proj", "up_proj")
+        tensors[gate], tensors[up] = tensors[up], tensors[gate]
+        return tensors
+
+    _edit_weights(path, edit)
+
+
+def norm_last(path: Path, scale: float = 1.5) -> None:
+    """The last layer's post-attention norm weight 1.5x what it should be (a norm scale
+    folded twice in one layer)."""
+    last = _config(path)["num_hidden_layers"] - 1
+
+    def edit(tensors):
+        name = f"model.layers.{last}.post_attention_layernorm.weight"
+        tensors[name] = (tensors[name].float() * scale).to(tensors[name].dtype)
+        return tensors
+
+    _edit_weights(path, edit)
+
+
+def projection_noise(path: Path, layer: int = 1, scale: float = 0.5, seed: int = 0) -> None:
+    """Noise at half its spread on one projection: layer 1's value projection."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def edit(tensors):
+        name = f"model.layers.{layer}.self_attn.v_proj.weight"
+        t = tensors[name]
+        noise = torch.randn(t.shape, generator=generator) * scale * t.float().std()
+        tensors[name] = (t.float() + noise).to(t.dtype)
+        return tensors
+
+    _edit_weights(path, edit)
+
+
+def attention_scale(path: Path, scale: float = 1.5) -> None:
+    """Attention logits 1.5x too sharp in every layer (a softmax scale of 1.5/sqrt(d)
+    instead of 1/sqrt(d), carried in the query projections)."""
+
+    def edit(tensors):
+        for name in list(tensors):
+            if name.endswith("q_proj.weight"):
+                tensors[name] = (tensors[name].float() * scale).to(tensors[name].dtype)
+        return tensors
+
+    _edit_weights(path, edit)
+
+
 # ---------------------------------------------------------------- benign changes
 
 
@@ -315,6 +391,11 @@ CATALOGUE: dict[str, tuple[Mutant, bool]] = {
     "layer_noise": (layer_noise, True),
     "quantized_int4": (quantized_int4, True),
     "untied_head_scaled": (untied_head_scaled, True),
+    "head_swapped": (head_swapped, True),
+    "gate_up_swapped_middle": (gate_up_swapped_middle, True),
+    "norm_last": (norm_last, True),
+    "projection_noise": (projection_noise, True),
+    "attention_scale": (attention_scale, True),
     "resaved": (resaved, False),
     "bf16_rerounded": (bf16_rerounded, False),
 }
@@ -322,6 +403,67 @@ MUTANTS: dict[str, Mutant] = {**{name: m for name, (m, _) in CATALOGUE.items()},
                               "nan_weights": nan_weights}
 BROKEN = tuple(name for name, (_, broken) in CATALOGUE.items() if broken)
 BENIGN = tuple(name for name, (_, broken) in CATALOGUE.items() if not broken)
+
+
+# Where localization must find each mutant: (layer, module). The layer is an index,
+# "middle" (num_hidden_layers // 2), "last", or "any"; None for the embedding, the final norm or
+# the output head; the module is a capture point (compare/localize.py) or "head", or None
+# where any sub-module of that layer may be the first to read the change. A mutant whose
+# damage is global (every layer, or the positions) points at layer 0. Benign ones: nothing.
+LOCATIONS: dict[str, tuple[int | str | None, str | None]] = {
+    "rope_theta": (0, "attn"),
+    "rope_yarn": (0, "attn"),
+    # Only the slowest rotary dimensions move: it shows in the attention of the first layer
+    # that leans on them (layer 1 of the toy model), whichever that is.
+    "rope_llama3": ("any", "attn"),
+    "rotary_layout": (0, "attn"),
+    "kv_head_order": (0, "attn"),
+    "layer_dropped": ("last", "missing"),
+    "layer_duplicated": (2, None),
+    "gate_up_swapped": (0, "mlp"),
+    "kv_head_zeroed": (2, "attn"),
+    "norm_offset": (0, "input_norm"),
+    "norm_epsilon": (0, "input_norm"),
+    "weight_noise": (1, "attn"),
+    "layer_noise": (1, "attn"),
+    "quantized_int4": (0, "attn"),
+    "untied_head_scaled": (None, "head"),
+    "head_swapped": (0, "attn"),
+    "gate_up_swapped_middle": ("middle", "mlp"),
+    "norm_last": ("last", "post_attn_norm"),
+    "projection_noise": (1, "attn"),
+    "attention_scale": (0, "attn"),
+}
+
+
+def expected_location(kind: str, config: dict) -> tuple[int | None, str | None] | None:
+    """(layer, module) localization must name for mutant `kind` of a model with `config`
+    (its unbroken config.json), or None for a benign change."""
+    if kind not in LOCATIONS:
+        return None
+    layer, module = LOCATIONS[kind]
+    layers = config["num_hidden_layers"]
+    if layer == "last":
+        layer = layers - 1
+    elif layer == "middle":
+        layer = layers // 2
+    elif layer == "any":
+        layer = None  # any layer, this module
+    return layer, module
+
+
+def location_matches(expected: tuple[int | None, str | None] | None, found: Any) -> bool:
+    """Whether a Localization (compare/localize.py) names where `expected_location` says;
+    a benign change (None) must name nothing."""
+    if expected is None:
+        return not found.diverged
+    layer, module = expected
+    if module == "head" or layer is not None:
+        if found.layer != layer:
+            return False
+    elif found.layer is None:  # "any" layer: a layer must be named
+        return False
+    return module is None or found.module == module
 
 
 def make_mutant(source: Path, dest: Path, kind: str) -> Path:
