@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from llm_parity.compare.localize import LocalizeSettings
+from llm_parity.compare.localize import MODULE_NAMES, LocalizeSettings
 from llm_parity.testing.catalogue import NAMES, run_catalogue
 
 
@@ -39,7 +39,10 @@ def where(location) -> str:
     layer, module = location
     if module == "head":
         return "output head"
-    return f"{'any layer' if layer is None else f'layer {layer}'}, {module or 'any module'}"
+    if module == "missing":
+        return f"layer {layer} (missing)"
+    name = MODULE_NAMES.get(module, module) if module else "any module"
+    return f"{'any layer' if layer is None else f'layer {layer}'}, {name}"
 
 
 def times(value) -> str:

@@ -206,8 +206,14 @@ def test_tensor_parallel_two_on_vllm_cpu(pytester, shared, read_json, monkeypatc
     # ranks get a core each by hand (without it: "Not enough allowed NUMA nodes").
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     monkeypatch.delenv("LLM_PARITY_VLLM_FAULT", raising=False)
-    result = run_matrix(pytester, shared, "eager", "--tensor-parallel-size", "2")
+    # --localize always: layer capture runs in both ranks (rank 0's answer is read; the
+    # residual stream is whole in each after the all-reduces) and names nothing.
+    result = run_matrix(pytester, shared, "eager", "--tensor-parallel-size", "2",
+                        "--localize", "always")
     verdict, judged = outcomes(pytester, result, read_json)
     assert judged == {"eager": "pass"}, result.stdout.str()[-3000:]
     assert verdict["protocol"]["tensor_parallel_size"] == 2
     assert verdict["candidate"]["engine_args"]["tensor_parallel_size"] == 2
+    loc = verdict["localization"]
+    assert loc["ran"] and loc["reused_engine"] and not loc["diverged"], loc
+    assert max(p["ratio"] for p in loc["results"][0]["points"]) < 2.5

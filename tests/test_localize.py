@@ -203,10 +203,10 @@ def test_summary_lines_and_junit_properties_say_where():
     assert block["where"] == "layer 2, attention" and block["diverged"]
     lines = localization_lines(block)
     assert lines[0] == ("where it diverges (configuration eager, prompt rag-08, first-token "
-                        "view, 1 positions):")
+                        "view, 1 position):")
     assert lines[1].startswith("  layer 2, attention: ") and "x its bf16 floor (limit 5x)" in \
         lines[1] and "the 2 layers before it within" in lines[1]
-    assert lines[2].startswith("  ratio to floor by layer: embed:0 0:")
+    assert lines[2].startswith("  ratio to floor by layer: embed:0x 0:")
     props = dict(localization_properties(block))
     assert props["where"] == "layer 2, attention" and props["layer"] == 2
     assert props["module"] == "attn" and props["localized"] is True

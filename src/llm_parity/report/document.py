@@ -28,6 +28,7 @@ from llm_parity.report.blocks import (
     Status,
     Table,
 )
+from llm_parity.report.messages import ratio
 from llm_parity.report.render import to_html, to_markdown
 from llm_parity.report.text import fmt
 from llm_parity.report.verdict import TAIL_WARNING, kl_by_step
@@ -289,21 +290,23 @@ def _localization(data: dict[str, Any]) -> list[Block]:
                            else "Localization could not finish: " + loc["error"]))
         return blocks
     head = next((r for r in loc["results"] if r["where"] == loc["where"]), loc["results"][0])
+    count = len(head["positions"])
+    positions = f"{count} position{'s' if count != 1 else ''}"
     blocks.append(Para(
-        f"The worst prompt, **{head['prompt_id']}** ({len(head['positions'])} positions of the "
+        f"The worst prompt, **{head['prompt_id']}** ({positions} of the "
         f"{head['view'].replace('_', '-')} view), ran again through the reference, the "
         f"{head.get('floor_dtype') or 'rounding'} floor and the candidate (configuration "
         f"**{loc['configuration']}**) with every layer's output captured. Each point's "
         "difference from the reference is shown as a multiple of the floor's difference at "
         "the same point, so the growth of rounding error with depth is taken out: a correct "
-        f"port sits near 1x everywhere; above {fmt(head['limit'])}x a point has diverged."))
+        f"port sits near 1x everywhere; above {ratio(head['limit'])} a point has diverged."))
     if loc["diverged"]:
         answer = f"First diverging: **{loc['where']}**."
         before = [p["ratio"] for p in head["points"] if p["module"] == "output"
                   and head["layer"] is not None and p["layer"] < head["layer"]]
         if before:
             answer += (f" The {len(before)} layers before it are within "
-                       f"{fmt(max(before))}x their floors.")
+                       f"{ratio(max(before))} their floors.")
     else:
         answer = "No captured point diverges: every layer is within its floor."
     blocks.append(Para(answer))
@@ -325,9 +328,9 @@ def _localization(data: dict[str, Any]) -> list[Block]:
         inside = [p for p in head["points"] if p["layer"] == head["layer"]]
         blocks.append(Para(f"Inside layer {head['layer']}, in the order a token passes them:"))
         blocks.append(Table(
-            ["point", "candidate error", "floor error", "ratio"],
+            ["point", "candidate's relative error", "floor's relative error", "ratio"],
             [[p["name"], _value(p["error"]), _value(p["floor"]),
-              Status(f"{fmt(p['ratio'])}x", not p["diverged"])] for p in inside],
+              Status(ratio(p["ratio"]), not p["diverged"])] for p in inside],
             numeric={1, 2, 3}))
     return blocks
 

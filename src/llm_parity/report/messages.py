@@ -147,6 +147,11 @@ def gate_failure_message(result: GateResult, precision: PrecisionResult) -> str:
     return "\n".join(lines)
 
 
+def ratio(value: float) -> str:
+    """A multiple of the floor, to two figures: 0.95x, 1.4x, 46x, 380x."""
+    return f"{value:.2g}x" if value < 100 else f"{value:.0f}x"
+
+
 def localization_lines(loc: Mapping[str, Any]) -> list[str]:
     """The verdict's `localization` block in words: where the candidate first diverges, the
     layers shown to be within their floors before it, each layer's ratio to its floor."""
@@ -158,31 +163,32 @@ def localization_lines(loc: Mapping[str, Any]) -> list[str]:
                 loc["results"][0] if loc["results"] else None)
     if head is None:
         return []
+    count = len(head["positions"])
     lines = [f"where it diverges (configuration {loc['configuration']}, prompt "
              f"{head['prompt_id']}, {head['view'].replace('_', '-')} view, "
-             f"{len(head['positions'])} positions):"]
+             f"{count} position{'s' if count != 1 else ''}):"]
     named = next((p for p in head["points"] if p["layer"] == head["layer"]
                   and p["module"] == head["module"]), None)
     before = [p["ratio"] for p in head["points"]
               if p["module"] in ("embed", "output") and head["layer"] is not None
               and (p["layer"] is None or p["layer"] < head["layer"])]
     if not loc["diverged"]:
-        lines.append(f"  nothing diverges: every captured point within {fmt(head['limit'])}x "
+        lines.append(f"  nothing diverges: every captured point within {ratio(head['limit'])} "
                      "its bf16 floor")
     else:
         text = f"  {loc['where']}"
         if named is not None:
-            text += f": {fmt(named['ratio'])}x its bf16 floor (limit {fmt(head['limit'])}x)"
+            text += f": {ratio(named['ratio'])} its bf16 floor (limit {ratio(head['limit'])})"
         if before:
-            text += (f"; the {len(before) - 1} layers before it within {fmt(max(before))}x"
+            text += (f"; the {len(before) - 1} layers before it within {ratio(max(before))}"
                      " their floors" if len(before) > 1 else
-                     f"; the embedding before it within {fmt(max(before))}x its floor")
+                     f"; the embedding before it within {ratio(max(before))} its floor")
         lines.append(text)
     stream = [(p, "embed" if p["module"] == "embed" else "norm" if p["module"] == "final_norm"
                else str(p["layer"])) for p in head["points"]
               if p["module"] in ("embed", "output", "final_norm")]
     lines.append("  ratio to floor by layer: " + " ".join(
-        f"{label}:{fmt(p['ratio'])}" for p, label in stream))
+        f"{label}:{ratio(p['ratio'])}" for p, label in stream))
     for note in (head.get("note"), loc.get("note")):
         if note and note != "every captured point is within its floor":
             lines.append(f"  {note}")
