@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from llm_parity.compare.localize import MODULE_NAMES, LocalizeSettings
+from llm_parity.report.messages import ratio
 from llm_parity.testing.catalogue import NAMES, run_catalogue
 
 
@@ -46,7 +47,7 @@ def where(location) -> str:
 
 
 def times(value) -> str:
-    return "" if value is None else f"{value:.3g}x"
+    return "" if value is None else ratio(value)
 
 
 def main() -> None:

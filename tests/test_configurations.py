@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from synthetic import configured_session
 
 from llm_parity.config.configurations import Configuration, parse_configurations
 from llm_parity.config.options import OPTIONS, build_settings
@@ -16,7 +17,6 @@ from llm_parity.report.document import render_verdict
 from llm_parity.report.schema import validate_verdict
 from llm_parity.report.summary import precision_summary
 from llm_parity.report.verdict import full_verdict
-from synthetic import configured_session
 
 
 def settings_with(tmp_path, **raw):

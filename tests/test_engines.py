@@ -101,6 +101,36 @@ def test_vllm_gives_more_than_its_default_twenty_when_asked(vllm_engine, token_i
 
 
 @needs_vllm
+def test_vllm_capture_is_canonical_within_the_floor_and_repeatable(vllm_engine, token_ids):
+    """Layer outputs from inside the engine's worker, through the worker extension: vLLM's
+    (hidden, residual) pairs summed into the residual stream sit within the bf16 floor at
+    every point; the prefix cache (on here, vLLM's default) is reset first, so a second
+    capture computes every position again and gives the same numbers, and the engine
+    answers as before afterwards."""
+    from llm_parity.compare.localize import localize
+
+    ids = list(token_ids[0])
+    positions = [1, len(ids) // 2, len(ids) - 1]
+    baseline = {}
+    for dtype in ("float32", "bfloat16"):
+        with build_engine("hf", EngineSpec(str(toy_model_dir()), dtype, "cpu")) as engine:
+            baseline[dtype] = engine.capture(ids, positions)
+    before = vllm_engine.next_token([ids], 5)
+    first = vllm_engine.capture(ids, positions)
+    second = vllm_engine.capture(ids, positions)
+    after = vllm_engine.next_token([ids], 5)
+    assert first.keys() == baseline["float32"].keys() and len(first) == 2 + 5 * 4
+    for name in first:
+        assert first[name].shape == (3, 256)
+        np.testing.assert_array_equal(first[name], second[name])
+    result = localize(baseline["float32"], first, baseline["bfloat16"], dtype="bfloat16",
+                      limit=5.0)
+    assert not result.diverged, result.as_dict()
+    assert max(p.ratio for p in result.points) < 2.5
+    assert list(after[0].token_ids) == list(before[0].token_ids)
+
+
+@needs_vllm
 def test_a_dead_engine_is_a_clear_error_not_a_hang():
     engine = build_engine("vllm", EngineSpec(str(toy_model_dir()), "bfloat16", "cpu",
                                              options={"enforce_eager": True}))
@@ -153,3 +183,4 @@ def test_unknown_backend_and_missing_device_are_named():
         build_engine("tgi", EngineSpec(str(toy_model_dir())))
     with pytest.raises(EngineError, match="device 'npu' was asked for but is not available"):
         build_engine("hf", EngineSpec(str(toy_model_dir()), device="npu"))
+

@@ -232,3 +232,15 @@ def _first_divergence(points: Sequence[PointDiff], reference_layers: int,
                 "the layer's output diverges while none of its sub-modules does: the "
                 "residual additions (or a sub-module not captured) differ")
     return first.layer, culprit.module, ""
+
+
+def earliest(results: Sequence[Localization]) -> Localization | None:
+    """Of several prompts' results, the one naming the earliest point (the embedding first,
+    the output head last); the first result when none diverges."""
+    if not results:
+        return None
+    diverged = [r for r in results if r.diverged]
+    if not diverged:
+        return results[0]
+    return min(diverged, key=lambda r: -1 if r.module == "embed" else
+               r.layer if r.layer is not None else 1 << 30)

@@ -10,9 +10,9 @@ from typing import Any
 from llm_parity.compare.localize import MODES as LOCALIZE_MODES
 from llm_parity.compare.localize import LocalizeSettings
 from llm_parity.config.checkpoint import check_checkpoint_dir, is_local_reference
+from llm_parity.config.configurations import Configuration, select_configurations
 from llm_parity.config.prompts import Prompt, PromptSet, load_prompts, packaged_prompts_path
 from llm_parity.config.thresholds import Thresholds, ThresholdsFile, packaged_thresholds_path
-from llm_parity.config.configurations import Configuration, select_configurations
 from llm_parity.engines.base import DTYPES, backends, resolve_candidate_backend
 from llm_parity.errors import ModelError, PromptsError, SettingsError, ThresholdsError
 

@@ -21,7 +21,6 @@ from llm_parity.engines._torch import resolve_device, torch_dtype, transformers_
 from llm_parity.engines.base import Engine, EngineSpec, Timing
 from llm_parity.errors import EngineError
 
-
 # Placement targets that are not devices (accelerate's memory tiers).
 TIERS = ("cpu", "disk")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")

@@ -11,8 +11,8 @@ from typing import Any
 from llm_parity.compare.gates import GridCase
 from llm_parity.compare.metrics import aggregate
 from llm_parity.compare.performance import REFERENCE, performance_gate_message, speedup_pairs
-from llm_parity.report.text import fmt, text_table
 from llm_parity.report.messages import localization_lines
+from llm_parity.report.text import fmt, text_table
 from llm_parity.report.verdict import TAIL_WARNING, kl_by_bucket
 
 _VIEWS = (("prompts", "first token"), ("sequences", "sequence"), ("decodes", "decode"))

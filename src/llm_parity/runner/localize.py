@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from llm_parity.compare.localize import Localization, localize
+from llm_parity.compare.localize import Localization, earliest, localize
 from llm_parity.config.options import Settings
 from llm_parity.engines.base import Engine, EngineSpec, build_engine, engine_class, same_engine
 from llm_parity.errors import AnswerError, EngineError
@@ -40,13 +40,7 @@ class LocalizationRun:
     @property
     def headline(self) -> Localization | None:
         """The result that names the earliest point (or the first, if none diverges)."""
-        if not self.results:
-            return None
-        diverged = [r for r in self.results if r.diverged]
-        if not diverged:
-            return self.results[0]
-        return min(diverged, key=lambda r: (r.layer if r.layer is not None else
-                                            (-1 if r.module == "embed" else 1 << 30)))
+        return earliest(self.results)
 
     def as_dict(self) -> dict[str, Any]:
         head = self.headline

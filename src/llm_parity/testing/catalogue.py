@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llm_parity.compare.localize import Localization, LocalizeSettings, localize
+from llm_parity.compare.localize import Localization, LocalizeSettings, earliest, localize
 from llm_parity.compare.metrics import compare_position
 from llm_parity.engines.base import EngineSpec, build_engine
 from llm_parity.testing.mutants import (
@@ -87,14 +87,6 @@ def baselines(source: Path, prompt_ids: Sequence[str]) -> list[Baseline]:
         out.append(Baseline(prompt_id, ids, positions, reference, reference_views, floor,
                             mean_kl(reference_views, floor_views)))
     return out
-
-
-def earliest(results: Sequence[Localization]) -> Localization:
-    diverged = [r for r in results if r.diverged]
-    if not diverged:
-        return results[0]
-    return min(diverged, key=lambda r: -1 if r.module == "embed" else
-               r.layer if r.layer is not None else 1 << 30)
 
 
 def localize_candidate(backend: str, model: Path, tokenizer: Path, base: Sequence[Baseline],
