@@ -168,10 +168,6 @@ class VllmEngine(Engine):
     def capture(self, token_ids: Sequence[int], positions: Sequence[int]) -> dict[str, Any]:
         """Layer outputs from inside the engine's workers, through the worker extension. Hooks
         fire only in eager mode: a compiled graph runs without calling the modules."""
-        from vllm import SamplingParams
-
-        from llm_parity.engines.capture import unpack
-
         if not self.engine_args.get("enforce_eager"):
             raise EngineError(f"{self.spec.role}: layer capture needs an eager engine "
                               "(enforce_eager=True): a compiled graph bypasses module hooks")
@@ -179,6 +175,10 @@ class VllmEngine(Engine):
             raise EngineError(f"{self.spec.role}: layer capture needs the suite's worker "
                               "extension, and this engine was given another "
                               "(worker_extension_cls)")
+        from vllm import SamplingParams
+
+        from llm_parity.engines.capture import unpack
+
         self.llm.reset_prefix_cache()  # a cached prefix would skip the rows to capture
         self.llm.collective_rpc("llm_parity_capture_start", args=(list(map(int, positions)),))
         try:
