@@ -145,9 +145,10 @@ def test_vllm_candidate_passes_on_the_toy_model(pytester, read_json):
 
 @needs_vllm
 def test_vllm_candidate_with_wrong_rope_theta_fails_readably(pytester, read_json):
+    # vLLM's default configurations, as a user runs it: compiled and eager, both failing.
     broken = make_mutant(toy_model_dir(), pytester.path / "broken", "rope_theta")
-    result = run_suite(pytester, "--candidate", "vllm", "--configurations", "eager",
-                       "--candidate-model", str(broken), *QUICK)
+    result = run_suite(pytester, "--candidate", "vllm", "--candidate-model", str(broken),
+                       "--parity-report", "report.html", *QUICK)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     out = result.stdout.str()
     assert "verdict: FAIL" in out
@@ -157,6 +158,16 @@ def test_vllm_candidate_with_wrong_rope_theta_fails_readably(pytester, read_json
     assert verdict["verdict"] == "fail"
     failed = {g["name"] for g in verdict["gates"] if not g["passed"]}
     assert "kl_mean" in failed
+    # Where it breaks: the compiled configuration failed first; it is localized in eager
+    # mode, on the eager configuration's engine, which the precision run left open.
+    loc = verdict["localization"]
+    assert (loc["configuration"], loc["where"]) == ("compiled", "layer 0, attention"), loc
+    assert loc["reused_engine"] and loc["engine_args"]["enforce_eager"] is True
+    assert "localized in eager mode" in loc["note"]
+    assert "  layer 0, attention: " in out
+    assert junit_cases(pytester.path / "junit.xml")["test_localization"][0] == "failure"
+    assert "First diverging: <strong>layer 0, attention</strong>" in \
+        (pytester.path / "report.html").read_text()
 
 
 def test_perturbed_layer_fails_per_prompt_and_in_aggregate(pytester, read_json):
