@@ -1,5 +1,6 @@
 """Calibration numbers for the default gates on a checkpoint: the bf16 noise floor per view,
-rounding flips and their reference margins, the reference mass outside the candidate's
+rounding flips with their reference margins and choice gaps (how far below the reference's
+top-1 the flipped-to token sits: what near_tie_margin must cover), the reference mass outside the candidate's
 top-k per position, and the top-k KL (a lower bound) against the full-vocabulary KL.
 
     .venv/bin/python benchmarks/calibrate.py --model DIR [--candidate hf] [--store DIR]
@@ -52,6 +53,8 @@ def main() -> None:
             "kl": percentiles([x.kl for x in c]),
             "flips": sum(not x.top1_match for x in c),
             "flip_margins": sorted(float(x.top1_margin) for x in c if not x.top1_match),
+            # What the near-tie rule reads: how far below the reference's top-1 each flip chose.
+            "flip_choice_gaps": sorted(float(x.choice_gap) for x in c if not x.top1_match),
         }
         if c[0].kl_full is not None:
             full = np.array([x.kl_full for x in c])

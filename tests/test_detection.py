@@ -56,7 +56,7 @@ def golden(tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-m", "precision",
          "--candidate", "vllm", "--configurations", "eager",
-         "--reference-store", str(store), "--parity-json", str(where / "verdict.json")],
+         f"--reference-store={store}", f"--parity-json={where / 'verdict.json'}"],
         cwd=where, capture_output=True, text=True,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -101,8 +101,8 @@ def runs(request, models, golden, tmp_path_factory):
             proc = subprocess.run(
                 [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "precision",
                  "--candidate", "vllm", "--configurations", "eager",
-                 "--candidate-model", str(models[name]), "--reference-store", str(golden),
-                 "--parity-json", "verdict.json", "--junitxml", "junit.xml"],
+                 f"--candidate-model={models[name]}", f"--reference-store={golden}",
+                 "--parity-json=verdict.json", "--junitxml", "junit.xml"],
                 cwd=path, capture_output=True, text=True, env=env)
         finally:
             cores.put(core)

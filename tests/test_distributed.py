@@ -4,8 +4,10 @@ the controller, and a clear refusal without a store. Real Transformers on the to
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import junit_cases
@@ -41,7 +43,7 @@ def store(tmp_path_factory):
 def run(pytester, store, name, *args):
     return pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", "-m", "precision", "--candidate", "hf", *QUICK,
-        "--reference-store", str(store), "--parity-json", f"{name}.json",
+        f"--reference-store={store}", f"--parity-json={name}.json",
         "--junitxml", f"{name}.xml", *args)
 
 
@@ -50,7 +52,7 @@ def test_two_workers_give_the_single_process_verdict(pytester, store, read_json,
     extra = ()
     if broken:
         model = make_mutant(toy_model_dir(), pytester.path / "broken", "layer_noise")
-        extra = ("--candidate-model", str(model))
+        extra = (f"--candidate-model={model}",)
     one = run(pytester, store, "one", *extra)
     two = run(pytester, store, "two", "-n", "2", *extra)
     assert one.ret == two.ret == (pytest.ExitCode.TESTS_FAILED if broken else 0)
@@ -89,9 +91,66 @@ def test_workers_without_a_store_are_refused_before_any_model(pytester, tmp_path
     missing = tmp_path / "nothing-here"
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-m", "precision",
                                            "--candidate", "hf", *QUICK, "-n", "2",
-                                           "--reference-store", str(missing))
+                                           f"--reference-store={missing}")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert f"--reference-store {missing}: it does not exist yet" in result.stderr.str()
+
+
+def test_workers_never_rewrite_or_measure_into_the_store(pytester, store, tmp_path):
+    # Before: -n with --reference-store-update had every worker rewrite the store, and a
+    # store without the floor had every worker measure it, racing on one temporary file.
+    update = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-m", "precision",
+                                           "--candidate", "hf", *QUICK, "-n", "2",
+                                           f"--reference-store={store}",
+                                           "--reference-store-update")
+    assert update.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--reference-store-update under pytest -n would have every worker rewrite" \
+        in update.stderr.str()
+    no_floor = tmp_path / "no-floor"
+    shutil.copytree(store, no_floor)
+    for floor in no_floor.glob("noise_floor-*"):
+        floor.unlink()
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-m", "precision",
+                                           "--candidate", "hf", *QUICK, "-n", "2",
+                                           f"--reference-store={no_floor}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "holds no bfloat16 floor at --logprobs 20" in result.stderr.str()
+    assert "or add --noise-floor off" in result.stderr.str()
+
+
+def test_a_run_whose_workers_share_nothing_still_writes_its_verdict(pytester, store,
+                                                                   read_json):
+    # Before: a stale store stopped every worker before the exchange, nothing was written,
+    # and a verdict.json from an earlier run stayed on disk saying pass while pytest exited 1.
+    (pytester.path / "two.json").write_text('{"verdict": "pass"}')
+    result = run(pytester, store, "two", "-n", "2", "--continuation", "4")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    verdict = read_json(pytester.path / "two.json")
+    assert verdict["verdict"] == "error" and verdict["session"]["exit_status"] == 1
+    assert "no pytest-xdist worker of 2 shared its candidate answers" in verdict["error"]
+    cases = junit_cases(pytester.path / "two.xml")
+    assert cases and any(o in ("failure", "error") for o, _ in cases.values())
+
+
+def test_a_worker_lost_before_the_exchange_ends_the_run_naming_it(pytester, store,
+                                                                 read_json):
+    # Before: the other workers waited six hours for its share.
+    pytester.makeconftest("""
+        import os
+
+        def pytest_collection_finish(session):
+            if os.environ.get("PYTEST_XDIST_WORKER") == "gw1":
+                os._exit(3)  # dies before it has any answer to share
+    """)
+    started = time.monotonic()
+    result = run(pytester, store, "two", "-n", "2", "--max-worker-restart=0")
+    assert time.monotonic() - started < 60
+    assert result.ret != 0
+    verdict = read_json(pytester.path / "two.json")
+    assert verdict["verdict"] == "error", verdict.get("error")
+    out = result.stdout.str()
+    assert "worker gw1 of 2 (pid" in out and "ended before it shared its candidate answers" \
+        in out
 
 
 def test_each_worker_can_be_given_its_own_devices():
@@ -114,8 +173,8 @@ def test_workers_see_the_devices_they_were_given(pytester, store):
                             "OMP_NUM_THREADS")}, f)
     """)
     result = pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", "--candidate", "hf", *QUICK, "--reference-store",
-        str(store), "-n", "2", "--devices-per-worker", "2", "--dist", "each", "test_env.py",
+        "-p", "no:cacheprovider", "--candidate", "hf", *QUICK,
+        f"--reference-store={store}", "-n", "2", "--devices-per-worker", "2", "--dist", "each", "test_env.py",
         "-m", "not precision and not performance")
     assert result.ret == 0, result.stdout.str()[-2000:]
     import json

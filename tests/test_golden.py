@@ -114,6 +114,66 @@ def test_a_failed_save_leaves_the_old_store_whole(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]  # no staging left behind
 
 
+def test_a_store_interrupted_mid_write_is_absent_not_half_written(tmp_path, monkeypatch):
+    def interrupted(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half")
+        raise KeyboardInterrupt  # Ctrl-C, or SIGTERM under the plugin (a KeyboardInterrupt)
+
+    import safetensors.numpy
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", interrupted)
+    store = ReferenceStore(tmp_path / "store")
+    with pytest.raises(KeyboardInterrupt):
+        store.save(key(), answers(), {})
+    assert not store.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_store_interrupted_between_its_renames_comes_back_whole(tmp_path, monkeypatch):
+    # Replacing a store is two renames (old aside, new in): a signal between them must not
+    # leave no store at all where a whole one was.
+    store = ReferenceStore(tmp_path / "store")
+    store.save(key(), answers(seed=1), {})
+    before = store.data_path.read_bytes()
+    import os
+
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        store.save(key(continuation=9), answers(seed=2), {})
+    monkeypatch.undo()
+    assert store.exists() and store.data_path.read_bytes() == before
+    assert store.stored_key()["key"] == key()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+def test_a_noise_floor_interrupted_mid_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    store = ReferenceStore(tmp_path / "store")
+    store.save(key(), answers(), {})
+
+    class Floor:
+        dtype, k = "bfloat16", K
+
+        def to_dict(self):
+            return {"views": {}}
+
+    import os
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        store.save_floor(key(), Floor())
+    assert sorted(p.name for p in store.path.iterdir()) == ["key.json", "reference.safetensors"]
+
+
 def test_a_reference_without_logits_cannot_be_stored(tmp_path):
     live = answers()
     row = live["first"][1]

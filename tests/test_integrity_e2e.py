@@ -26,7 +26,7 @@ def torch_loaded_before_pytester():
 def run_suite(pytester, *args):
     return pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", "-m", "precision", "--junitxml", "junit.xml",
-        "--parity-json", "verdict.json", *QUICK, *args)
+        "--parity-json=verdict.json", *QUICK, *args)
 
 
 def agree(pytester, result, read_json) -> tuple[dict, dict]:
@@ -113,3 +113,70 @@ def test_public_fixtures_compare_an_extra_prompt_on_the_loaded_engines(pytester,
     # Each engine was built once, by the run; the extra prompt reused them.
     assert "reference_load_s" in verdict["timings"] and "candidate_load_s" in verdict["timings"]
     assert result.stdout.str().count("reference_load") == 1
+
+
+FLOOR_ONLY = """
+[precision.gates.kl_vs_floor]
+metric = "kl"
+relative_to = "noise_floor"
+max = 3.0
+"""
+
+
+def test_a_run_that_judges_no_gate_is_an_error_everywhere(pytester, read_json):
+    # Before: only floor-relative gates with --noise-floor off passed, exit 0, judging nothing.
+    pytester.makefile(".toml", thresholds=FLOOR_ONLY)
+    result = run_suite(pytester, "--candidate", "hf", "--noise-floor", "off")
+    verdict, cases = agree(pytester, result, read_json)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    assert verdict["verdict"] == "error" and verdict["error"].startswith("no gate was judged")
+    assert "kl_vs_floor (it reads the noise floor" in verdict["error"]
+    suite = {n: o for n, (o, _) in cases.items() if n.startswith(("test_prompt", "test_gate"))}
+    assert suite and all(o == "failure" for o in suite.values())
+    result.stdout.fnmatch_lines(["*no gate was judged: kl_vs_floor*"])
+
+
+STRICT_PER_PROMPT = """
+[precision]
+strict = true
+
+[precision.gates.kl_mean]
+metric = "kl"
+max = 0.01
+
+[precision.prompt_gates.kl_vs_floor]
+metric = "kl"
+relative_to = "noise_floor"
+max = 10.0
+"""
+
+
+def test_strict_fails_each_prompt_a_per_prompt_gate_could_not_judge(pytester, read_json):
+    # Before: the verdict failed on the strict per-prompt gate while every test was green.
+    pytester.makefile(".toml", thresholds=STRICT_PER_PROMPT)
+    result = run_suite(pytester, "--candidate", "hf", "--noise-floor", "off")
+    verdict, cases = agree(pytester, result, read_json)
+    assert verdict["verdict"] == "fail" and cases["test_gate[kl_mean]"][0] == "passed"
+    prompts = {n: o for n, (o, _) in cases.items() if n.startswith("test_prompt[")}
+    assert len(prompts) == 25 and set(prompts.values()) == {"failure"}
+    assert ("gate kl_vs_floor was not judged: it reads the noise floor, which was not "
+            "measured: the noise floor is off (--noise-floor off) (strict = true in "
+            "[precision])") in result.stdout.str()
+
+
+def test_the_packaged_decode_tests_fail_a_port_that_decodes_wrong(pytester, read_json):
+    # Before: no per-prompt gate read the decode view, so test_decode passed whatever the
+    # candidate decoded. The packaged decode_top1_defect gate now fails such a prompt.
+    from llm_parity.runner.toymodel import toy_model_dir
+    from llm_parity.testing.mutants import make_mutant
+
+    broken = make_mutant(toy_model_dir(), pytester.path / "broken", "layer_noise")
+    result = run_suite(pytester, "--candidate", "hf", f"--candidate-model={broken}",
+                       "--noise-floor", "off")
+    verdict, cases = agree(pytester, result, read_json)
+    decode = {n: o for n, (o, _) in cases.items() if n.startswith("test_decode[")}
+    failed = {n for n, o in decode.items() if o == "failure"}
+    assert decode and failed, decode
+    defects = {e["id"] for e in verdict["decodes"] if e["divergence"]
+               and not e["divergence"]["near_tie"]}
+    assert {n[len("test_decode["):-1] for n in failed} == defects

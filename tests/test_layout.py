@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import needs_vllm
 
 import llm_parity
 from llm_parity.testing.layout import cycles, import_graph, upward_imports
@@ -101,3 +102,36 @@ def test_every_error_type_lives_in_errors():
                                path.read_text(encoding="utf-8"), re.M):
             found[name] = str(path.relative_to(PACKAGE))
     assert found and set(found.values()) == {"errors.py"}, found
+
+
+@needs_vllm  # where vLLM (and the project's test-only vLLM plugin beside it) is installed
+def test_the_built_wheel_carries_no_fault_injector(tmp_path):
+    # Before, the wheel registered llm_parity.testing.vllm_faults under vllm.general_plugins:
+    # every vLLM process of an environment with the suite installed loaded it, and one
+    # environment variable then corrupted the model's outputs.
+    import zipfile
+
+    root = PACKAGE.parents[1]
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                            "--no-build-isolation", "-q", "-w", str(tmp_path), str(root)],
+                           capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = tmp_path.glob("pytest_llm_parity-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        entry_points = archive.read(next(n for n in names if n.endswith("entry_points.txt")))
+    groups = {}
+    group = None
+    for line in entry_points.decode().splitlines():
+        if line.startswith("["):
+            group = line.strip("[]")
+        elif "=" in line:
+            groups.setdefault(group, []).append(line.split("=", 1)[1].strip())
+    assert groups["vllm.general_plugins"] == ["llm_parity.engines.vllm_cpu_plugin:register"]
+    assert not [n for n in names if "fault" in n]
+    # The project's own test set-up installs the injector, from its own distribution.
+    from importlib.metadata import entry_points as installed
+
+    values = {e.value for e in installed(group="vllm.general_plugins")}
+    assert "llm_parity_test_faults:register" in values
+    assert not any(v.startswith("llm_parity.") and "fault" in v for v in values)

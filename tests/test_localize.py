@@ -229,3 +229,80 @@ def test_the_report_section_has_the_answer_the_plot_and_the_layer_table():
     # A passing run that was not localized shows no section.
     assert _localization({"verdict": "pass", "localization": {
         "mode": "on-failure", "skipped": "the candidate passed"}}) == []
+
+
+def _judged_views(decode_defect: bool, prefill_defect: bool):
+    """Packaged gates judged on small made views: a prefill-side flip to a token far below
+    the reference's top-1, or one only where free-running decoding leaves the reference."""
+    from llm_parity.compare.answers import Decoded, NextToken
+    from llm_parity.compare.precision import (
+        compare_decodes,
+        compare_prompts,
+        compare_sequences,
+        judge,
+    )
+    from llm_parity.config.prompts import Prompt
+    from llm_parity.config.thresholds import packaged_thresholds_path
+
+    def view(probs):
+        logprobs = np.log(np.asarray(probs, dtype=np.float64))
+        top = np.argsort(-logprobs)[:4]
+        return NextToken(top, logprobs[top], logprobs)
+
+    sure = view([0.7, 0.1, 0.1, 0.05, 0.05])
+    wrong = view([0.05, 0.1, 0.1, 0.05, 0.7])  # its rank 1 is token 4, far below the top
+    prompts = [Prompt(f"p{i}", "x") for i in range(3)]
+    ids = [[1, 2, 3]] * 3
+    first = [wrong if prefill_defect else sure] + [sure] * 2
+    views = {"first_token": compare_prompts(prompts, ids, [sure] * 3, first,
+                                            near_tie_margin=0.3, k=4)}
+    reference = [Decoded([0, 0], [sure, sure])] * 3
+    views["sequence"] = compare_sequences(prompts, ids, reference, [[sure, sure]] * 3,
+                                          near_tie_margin=0.3, k=4)
+    decoded = [Decoded([0, 4], [sure, wrong]) if decode_defect else Decoded([0, 0], [sure, sure])]
+    views["decode"] = compare_decodes(prompts, ids, reference, decoded + reference[1:],
+                                      near_tie_margin=0.3, k=4)
+    thresholds = load_thresholds(packaged_thresholds_path(), platform="cpu")
+    return judge(views, thresholds, k=4, floor_missing="not measured here")
+
+
+def test_a_failure_the_capture_cannot_see_is_named_by_its_path():
+    # Before, nothing diverging in the capture (one eager prefill) always read "output
+    # head": a decode-path bug, or one inside a compiled graph, was blamed on the head.
+    from llm_parity.config.configurations import Configuration
+    from llm_parity.runner.localize import unseen_path
+    from llm_parity.runner.precision import ConfigurationRun
+
+    def configuration_run(name, args, **made):
+        return ConfigurationRun(Configuration(name, "vllm", args), {}, _judged_views(**made))
+
+    decode_only = configuration_run("eager", {"enforce_eager": True}, decode_defect=True,
+                                    prefill_defect=False)
+    failing = {p.view for p in decode_only.precision.all_prompt_results if not p.passed}
+    assert failing == {"decode"}
+    assert unseen_path(decode_only, compiled=False).startswith("the decode path")
+    prefill = configuration_run("compiled", {"enforce_eager": False}, decode_defect=False,
+                                prefill_defect=True)
+    assert not prefill.passed
+    assert unseen_path(prefill, compiled=True).startswith(
+        "the compiled path: configuration compiled runs a compiled graph")
+    # The capture takes the failing path (an eager prefill fails): the head may be named.
+    assert unseen_path(prefill, compiled=False) == ""
+    passing = configuration_run("eager", {}, decode_defect=False, prefill_defect=False)
+    assert passing.passed and unseen_path(passing, compiled=True) == ""
+
+
+def test_a_sub_module_that_diverges_under_a_layer_output_within_the_limit_is_named():
+    # Seen on the toy model: 15% noise in the last layer's down_proj read layers.3.mlp at
+    # 8.6x its floor and layers.3 at 4.97x (limit 5x); before, "output head" was named.
+    reference, floor, candidate = captures()
+    last = LAYERS - 1
+    mlp = f"layers.{last}.mlp"
+    candidate[mlp] = reference[mlp] + 9 * (floor[mlp] - reference[mlp])
+    result = localize(reference, candidate, floor, dtype="bfloat16", limit=5.0,
+                      output_failed=True)
+    ratios = {p.name: p.ratio for p in result.points}
+    assert ratios[mlp] > 5 > ratios[f"layers.{last}"]
+    assert (result.layer, result.module) == (last, "mlp")
+    assert result.where == f"layer {last}, MLP"
+    assert "its layer's output stays within" in result.note

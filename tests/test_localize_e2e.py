@@ -93,9 +93,9 @@ def test_a_failing_run_prints_reports_and_records_where_it_breaks(pytester, brok
                                                                    read_json):
     result = pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", "-m", "precision", "--candidate", "hf",
-        "--candidate-model", str(broken_middle), "--continuation", "8",
-        "--long-prompts", "none", "--junitxml", "junit.xml", "--parity-json", "verdict.json",
-        "--parity-report", "report.html", "--parity-report", "report.md")
+        f"--candidate-model={broken_middle}", "--continuation", "8",
+        "--long-prompts", "none", "--junitxml", "junit.xml", "--parity-json=verdict.json",
+        "--parity-report=report.html", "--parity-report=report.md")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     out = result.stdout.str()
     verdict = read_json(pytester.path / "verdict.json")

@@ -514,7 +514,7 @@ def test_suite_against_a_server_serving_another_model_errors_readably(pytester, 
         result = pytester.runpytest_subprocess(
             "-p", "no:cacheprovider", "-m", "precision", "--candidate", "openai",
             "--candidate-url", server.url, "--junitxml", "junit.xml",
-            "--parity-json", "verdict.json", "--parity-report", "report.md")
+            "--parity-json=verdict.json", "--parity-report=report.md")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.assert_outcomes(errors=suite_size())
     result.stdout.fnmatch_lines(["*candidate (openai): the server at * serves "
@@ -545,7 +545,7 @@ def vllm_server(tmp_path_factory, torch_loaded_before_pytester):
     env = {**os.environ, "VLLM_API_KEY": SECRET, "VLLM_LOGGING_LEVEL": "WARNING",
            "PYTHONWARNINGS": "ignore::FutureWarning", "TORCH_CPP_LOG_LEVEL": "ERROR"}
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-               "--model", str(toy_model_dir()), "--host", "127.0.0.1", "--port", str(port),
+               f"--model={toy_model_dir()}", "--host", "127.0.0.1", "--port", str(port),
                "--dtype", "bfloat16", "--max-logprobs", "20", "--seed", "0",
                "--kv-cache-memory-bytes", str(1 << 30)]
     with open(log, "wb") as out:
@@ -581,7 +581,7 @@ def vllm_server(tmp_path_factory, torch_loaded_before_pytester):
 def run_suite(pytester, *args):
     return pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", "-m", "precision", "--junitxml", "junit.xml",
-        "--parity-json", "verdict.json", "--parity-report", "report.md", *args)
+        "--parity-json=verdict.json", "--parity-report=report.md", *args)
 
 
 @needs_vllm

@@ -467,7 +467,7 @@ def test_a_gate_that_errors_fails_the_json_verdict_too(paced_project, read_json)
     paced_project.makefile(".toml", thresholds=GRID.format(max_cv=0.5).replace(
         "min = 1e9", "min = 0.0").replace("max = 0.001", "max = 1e9"))
     result = run_paced(paced_project, "--benchmark-only", "-k", "not eager-in32",
-                       "--parity-json", "verdict.json")
+                       "--parity-json=verdict.json")
     assert result.ret == pytest.ExitCode.TESTS_FAILED, result.stdout.str()
     verdict = read_json(paced_project.path / "verdict.json")
     messages = junit_messages(paced_project.path / "junit.xml")
@@ -586,8 +586,8 @@ max = 0.001
 """)
     result = pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", "-m", "precision or performance", "--candidate", "vllm",
-        "--prompts", "three.txt", "--continuation", "0", "--noise-floor", "off",
-        "--junitxml", "junit.xml", "--benchmark-json", "bench.json", "--parity-json", "v.json")
+        "--prompts=three.txt", "--continuation", "0", "--noise-floor", "off",
+        "--junitxml", "junit.xml", "--benchmark-json", "bench.json", "--parity-json=v.json")
     assert result.ret == pytest.ExitCode.TESTS_FAILED, result.stdout.str()
     outcomes = result.parseoutcomes()
     # precision: 3 prompts and 1 gate; performance: 3 cases, 1 gate

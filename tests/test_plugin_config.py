@@ -116,8 +116,23 @@ def test_unrelated_project_does_not_get_the_suite(pytester):
     result.assert_outcomes(passed=1)
 
 
+DEPTH_PROMPT_GATES = """
+[precision.prompt_gates.sequence_kl]
+over = "sequence"
+metric = "kl"
+max = 0.1
+
+[precision.prompt_gates.decode_defect]
+over = "decode"
+metric = "top1_defect"
+aggregate = "rate"
+max = 0.0
+"""
+
+
 def test_collects_the_suite_from_the_thresholds_file(pytester):
-    pytester.makefile(".toml", thresholds=GOOD_GATE + '[precision.prompt_gates.kl]\nmetric = "kl"\nmax = 0.1\n')
+    prompt_gate = '[precision.prompt_gates.kl]\nmetric = "kl"\nmax = 0.1\n'
+    pytester.makefile(".toml", thresholds=GOOD_GATE + prompt_gate + DEPTH_PROMPT_GATES)
     pytester.makefile(".txt", prompts="one prompt here\nanother prompt\n")
     result = pytester.runpytest_subprocess("--collect-only", "-q", "--prompts", "prompts.txt")
     assert result.ret == 0
@@ -129,11 +144,26 @@ def test_collects_the_suite_from_the_thresholds_file(pytester):
         "thresholds.toml::test_gate[[]kl_mean[]]",
         "thresholds.toml::test_localization",
     ])
-    assert f"{2 + 2 * (2 + long_prompt_count()) + 1 + 1} tests collected" in result.stdout.str()
+    depth = 2 * (2 + long_prompt_count())
+    assert f"{2 + depth + 1 + 1} tests collected" in result.stdout.str()
     # --continuation 0 keeps to the founding protocol: first token only.
     founding = pytester.runpytest_subprocess("--collect-only", "-q", "--prompts", "prompts.txt",
                                              "--continuation", "0")
     assert "4/6 tests collected (2 deselected)" in founding.stdout.str()
+
+
+def test_depth_tests_are_left_out_when_no_prompt_gate_reads_their_view(pytester):
+    # Before, each depth test with no per-prompt gate over its view passed whatever the
+    # candidate did: items that could never fail, counted among "passed".
+    only_sequence = DEPTH_PROMPT_GATES.split("[precision.prompt_gates.decode_defect]")[0]
+    pytester.makefile(".toml", thresholds=GOOD_GATE + only_sequence)
+    pytester.makefile(".txt", prompts="one prompt here\nanother prompt\n")
+    result = pytester.runpytest_subprocess("--collect-only", "-q", "--prompts", "prompts.txt")
+    assert result.ret == 0
+    out = result.stdout.str()
+    depth = 2 + long_prompt_count()
+    assert "thresholds.toml::test_sequence[p001]" in out and "test_decode[" not in out
+    assert f"{2 + depth + 1 + 1}/{2 + 2 * depth + 1 + 1} tests collected ({depth} deselected)" in out
 
 
 def test_packaged_suite_runs_when_asked_without_a_local_file(pytester):

@@ -27,7 +27,7 @@ def torch_loaded_before_pytester():
 def run_suite(pytester, *args):
     return pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", "-m", "precision", "--junitxml", "junit.xml",
-        "--parity-json", "verdict.json", *args)
+        "--parity-json=verdict.json", *args)
 
 
 def test_candidate_auto_is_vllm_where_it_imports_else_hf(monkeypatch):
@@ -64,8 +64,8 @@ def test_one_run_writes_both_reports_measures_the_floor_on_request_and_trusts_co
         pytester, read_json):
     pytester.makefile(".toml", thresholds=NO_FLOOR_GATES)
     result = run_suite(pytester, "--candidate", "hf", *QUICK, "--noise-floor", "on",
-                       "--trust-remote-code", "--parity-report", "report.md",
-                       "--parity-report", "report.html")
+                       "--trust-remote-code", "--parity-report=report.md",
+                       "--parity-report=report.html")
     assert result.ret == 0, result.stdout.str()[-2000:]
     verdict = read_json(pytester.path / "verdict.json")
     # --noise-floor on: measured although no gate reads it.

@@ -37,8 +37,8 @@ def run(cwd: Path, model: Path, store: Path, *args: str) -> subprocess.Completed
     # CI inside its time.
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-m", "precision",
-         "--model", str(model), "--candidate", "vllm", "--reference-store", str(store),
-         "--long-prompts", "none", "--parity-json", "verdict.json", "--junitxml", "junit.xml",
+         f"--model={model}", "--candidate", "vllm", f"--reference-store={store}",
+         "--long-prompts", "none", "--parity-json=verdict.json", "--junitxml", "junit.xml",
          *args],
         cwd=cwd, capture_output=True, text=True)
 

@@ -130,7 +130,7 @@ def test_a_merged_store_replays_in_a_test_run_like_the_whole_one(stores, pyteste
     for name in ("whole", "merged"):
         result = pytester.runpytest_subprocess(
             "-p", "no:cacheprovider", "-m", "precision", "--candidate", "hf", *QUICK,
-            "--reference-store", str(stores / name), "--parity-json", f"{name}.json")
+            f"--reference-store={stores / name}", f"--parity-json={name}.json")
         assert result.ret == 0, result.stdout.str()[-3000:]
         verdict = read_json(pytester.path / f"{name}.json")
         # Replayed: neither the float32 reference nor the floor engine was built.
@@ -197,7 +197,7 @@ def test_a_reference_offloaded_to_disk_answers_bit_for_bit_alike(tmp_path):
 def test_a_device_map_naming_a_missing_device_stops_the_suite_before_any_model(pytester):
     result = pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", "-m", "precision", "--candidate", "hf", *QUICK,
-        "--reference-option", 'device_map={"model": "cuda:2"}', "--parity-json", "v.json")
+        "--reference-option", 'device_map={"model": "cuda:2"}', "--parity-json=v.json")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     assert ("reference (hf): device_map['model'] names 'cuda:2', but this machine has 0 cuda "
             "devices") in result.stdout.str()
@@ -212,7 +212,7 @@ def test_a_suite_run_records_where_the_reference_was_placed(pytester, read_json)
         "-p", "no:cacheprovider", "-m", "precision", "--candidate", "hf", "--continuation",
         "0", "--noise-floor", "off", "--reference-option", "device_map=auto",
         "--reference-option", 'max_memory={"cpu": "3MB"}', "--reference-option",
-        f"offload_folder={pytester.path / 'offload'}", "--parity-json", "v.json")
+        f"offload_folder={pytester.path / 'offload'}", "--parity-json=v.json")
     assert result.ret == 0, result.stdout.str()[-3000:]
     reference = read_json(pytester.path / "v.json")["reference"]  # schema-checked
     assert reference["placement"] == {"disk": 1}

@@ -123,8 +123,8 @@ def test_error_analysis_is_computed_from_the_data(mixed):
     data = data_of(mixed)
     md = render_verdict(data)
     analysis = md.split("## Error analysis", 1)[1].split("##", 1)[0]
-    assert ("First token: 2 of 6 prompts flipped top-1; 1 were near-ties (reference margin "
-            "below 0.3), 1 were defects.") in analysis
+    assert ("First token: 2 of 6 prompts flipped top-1; 1 were near-ties (the token chosen "
+            "less than 0.5 below the reference's top-1), 1 were defects.") in analysis
     assert "p-01: reference" in analysis and "(defect)" in analysis
     assert "p-02: reference" in analysis and "(near-tie)" in analysis
     worst_kl = max(data["prompts"], key=lambda p: p["kl"])

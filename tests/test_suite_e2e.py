@@ -48,7 +48,7 @@ def suite_size(long_prompts=True, configurations=1):
 def run_suite(pytester, *args):
     return pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", "-m", "precision", "--junitxml", "junit.xml",
-        "--parity-json", "verdict.json", *args,
+        "--parity-json=verdict.json", *args,
     )
 
 
@@ -147,8 +147,8 @@ def test_vllm_candidate_passes_on_the_toy_model(pytester, read_json):
 def test_vllm_candidate_with_wrong_rope_theta_fails_readably(pytester, read_json):
     # vLLM's default configurations, as a user runs it: compiled and eager, both failing.
     broken = make_mutant(toy_model_dir(), pytester.path / "broken", "rope_theta")
-    result = run_suite(pytester, "--candidate", "vllm", "--candidate-model", str(broken),
-                       "--parity-report", "report.html", *QUICK)
+    result = run_suite(pytester, "--candidate", "vllm", f"--candidate-model={broken}",
+                       "--parity-report=report.html", *QUICK)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     out = result.stdout.str()
     assert "verdict: FAIL" in out
@@ -172,7 +172,7 @@ def test_vllm_candidate_with_wrong_rope_theta_fails_readably(pytester, read_json
 
 def test_perturbed_layer_fails_per_prompt_and_in_aggregate(pytester, read_json):
     broken = make_mutant(toy_model_dir(), pytester.path / "broken", "layer_noise")
-    result = run_suite(pytester, "--candidate", "hf", "--candidate-model", str(broken), *QUICK)
+    result = run_suite(pytester, "--candidate", "hf", f"--candidate-model={broken}", *QUICK)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     verdict = read_json(pytester.path / "verdict.json")
     assert verdict["verdict"] == "fail"
@@ -184,7 +184,7 @@ def test_perturbed_layer_fails_per_prompt_and_in_aggregate(pytester, read_json):
 
 def test_nan_weights_are_named_before_any_gate_is_judged(pytester, read_json):
     broken = make_mutant(toy_model_dir(), pytester.path / "broken", "nan_weights")
-    result = run_suite(pytester, "--candidate", "hf", "--candidate-model", str(broken), *QUICK)
+    result = run_suite(pytester, "--candidate", "hf", f"--candidate-model={broken}", *QUICK)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.assert_outcomes(errors=suite_size(long_prompts=False))
     result.stdout.fnmatch_lines(["*candidate (hf), prompt rag-01: * NaN or infinite*"])
@@ -202,7 +202,7 @@ def test_tokenizer_that_differs_is_refused_before_models_load(pytester):
     a, b = "e", "t"
     vocab[a], vocab[b] = vocab[b], vocab[a]
     (other / "tokenizer.json").write_text(json.dumps(data))
-    result = run_suite(pytester, "--candidate", "hf", "--candidate-model", str(other), *QUICK)
+    result = run_suite(pytester, "--candidate", "hf", f"--candidate-model={other}", *QUICK)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.assert_outcomes(errors=suite_size(long_prompts=False))
     result.stdout.fnmatch_lines(["*the candidate's tokenizer gives other token ids*"])
@@ -242,13 +242,13 @@ def test_candidate_with_fewer_logprobs_than_asked(pytester):
 
 def test_golden_store_replays_the_reference_and_refuses_a_stale_one(pytester, read_json):
     store = pytester.path / "golden"
-    first = run_suite(pytester, "--candidate", "hf", "--reference-store", str(store), *QUICK)
+    first = run_suite(pytester, "--candidate", "hf", f"--reference-store={store}", *QUICK)
     assert first.ret == 0, first.stdout.str()
     live = read_json(pytester.path / "verdict.json")
     assert (store / "key.json").is_file() and (store / "reference.safetensors").is_file()
     assert live["reference"]["store"] == str(store)
 
-    again = run_suite(pytester, "--candidate", "hf", "--reference-store", str(store), *QUICK)
+    again = run_suite(pytester, "--candidate", "hf", f"--reference-store={store}", *QUICK)
     assert again.ret == 0, again.stdout.str()
     replayed = read_json(pytester.path / "verdict.json")
     assert "reference_store_load_s" in replayed["timings"]
@@ -258,7 +258,7 @@ def test_golden_store_replays_the_reference_and_refuses_a_stale_one(pytester, re
                 "noise_floor"):
         assert replayed[key] == live[key], key
 
-    stale = run_suite(pytester, "--candidate", "hf", "--reference-store", str(store),
+    stale = run_suite(pytester, "--candidate", "hf", f"--reference-store={store}",
                       "--long-prompts", "none", "--continuation", "4")
     assert stale.ret == pytest.ExitCode.TESTS_FAILED
     stale.stdout.fnmatch_lines(["*reference store * was made for other inputs and is stale*",
@@ -267,7 +267,7 @@ def test_golden_store_replays_the_reference_and_refuses_a_stale_one(pytester, re
     assert read_json(pytester.path / "verdict.json")["verdict"] == "error"
     assert "candidate_load" not in stale.stdout.str()
 
-    refreshed = run_suite(pytester, "--candidate", "hf", "--reference-store", str(store),
+    refreshed = run_suite(pytester, "--candidate", "hf", f"--reference-store={store}",
                           "--reference-store-update", "--long-prompts", "none",
                           "--continuation", "4")
     assert refreshed.ret == 0, refreshed.stdout.str()

@@ -6,6 +6,8 @@ concerned and what was expected.
 
 from __future__ import annotations
 
+import signal
+
 
 class ParityError(Exception):
     """Base of the errors a run reports as a plain message, without a traceback."""
@@ -48,6 +50,31 @@ class EngineError(ParityError, RuntimeError):
 class AnswerError(EngineError):
     """An engine's answer that no comparison may read: NaN, +inf, or log-probs that are not
     normalised (a positive log-prob, a top-k holding more than all the mass)."""
+
+
+# ---------------------------------------------------------------- interruptions
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what CI sends to a cancelled job), raised in the main thread: a
+    KeyboardInterrupt, so pytest ends the session as on Ctrl-C (the engines closed, the
+    verdict written) and no `except Exception` on the way stops it."""
+
+    signum = signal.SIGTERM
+
+    def __init__(self) -> None:
+        super().__init__("SIGTERM")
+
+
+class EngineStartInterrupted(BaseException):
+    """A signal while an engine's processes start. Not a KeyboardInterrupt: vLLM's engine
+    handshake swallows those (vllm.utils.network_utils.zmq_socket_ctx) and then waits
+    VLLM_ENGINE_READY_TIMEOUT_S (600 s) for an engine that is gone. The engine turns it back
+    into the signal's own exception once its processes are stopped."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 # ---------------------------------------------------------------- performance

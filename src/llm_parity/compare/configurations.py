@@ -39,7 +39,9 @@ def compare_configurations(base: PrecisionResult, other: PrecisionResult) -> dic
                 if pb.comparison.candidate_top1 == po.comparison.candidate_top1:
                     agree += 1
                     continue
-                margin = pb.comparison.top1_margin
+                # Both choices' gaps below the reference's top-1: their difference is how far
+                # apart the reference puts the two tokens the configurations chose.
+                margin = abs(pb.comparison.choice_gap - po.comparison.choice_gap)
                 differ.append({
                     "prompt": b.prompt.id, "position": pb.position,
                     "base_token": pb.candidate_top1_text, "token": po.candidate_top1_text,

@@ -215,7 +215,21 @@ def _first_divergence(points: Sequence[PointDiff], reference_layers: int,
     # layers both have can be compared.
     if reference_layers != candidate_layers:
         stream = [p for p in stream if p.module != "final_norm"]
-    first = next((p for p in stream if p.diverged), None)
+    # The first point to leave its floor along the stream, a sub-module counted in its
+    # place: a layer whose sub-module diverges while its summed output stays just under the
+    # limit (the residual dilutes it) is still named.
+    inside_layers = {p.layer for p in stream if p.module == "output"}
+    walk = [p for p in points if p in stream or (p.module in SUBMODULE_ORDER
+                                                  and p.layer in inside_layers)]
+    first = next((p for p in walk if p.diverged), None)
+    if first is not None and first.module in SUBMODULE_ORDER:
+        output = next((p for p in stream if p.layer == first.layer and p.module == "output"),
+                      None)
+        if output is not None and not output.diverged:
+            return (first.layer, first.module,
+                    f"its layer's output stays within {output.ratio:.3g}x its floor: the "
+                    "residual stream dilutes what this sub-module adds")
+        return first.layer, first.module, ""
     if first is None:
         if reference_layers != candidate_layers:
             common = min(reference_layers, candidate_layers)

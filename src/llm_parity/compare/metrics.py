@@ -43,6 +43,9 @@ class PositionComparison:
     candidate_top1: int
     top1_match: bool
     top1_margin: float
+    # The reference's log-prob gap from its top-1 to the token the candidate ranked first
+    # (0 on a match): how far below the reference's choice the candidate's choice sits.
+    choice_gap: float
     reference_top1_logprob: float
     candidate_top1_logprob: float
     cosine: float
@@ -62,9 +65,10 @@ class PositionComparison:
     def as_dict(self) -> dict:
         """Plain dict of Python scalars for JSON.
 
-        Only two fields can be non-finite: ``top1_margin`` (``inf`` when the reference's
-        rank 2 has zero mass) and ``candidate_top1_logprob`` (``-inf`` if the candidate gave
-        every top-k token zero mass).
+        Only three fields can be non-finite: ``top1_margin`` (``inf`` when the reference's
+        rank 2 has zero mass), ``choice_gap`` (``inf`` when the candidate's rank 1 has zero
+        reference mass) and ``candidate_top1_logprob`` (``-inf`` if the candidate gave every
+        top-k token zero mass).
         """
         return dataclasses.asdict(self)
 
@@ -83,6 +87,7 @@ def compare_position(
       log-prob, so unsorted top-k lists are handled.
     - ``top1_margin`` is 0.0 for a one-token vocabulary and ``inf`` when the reference puts
       zero mass on every token but its rank 1.
+    - ``choice_gap`` is ``inf`` when the candidate's rank 1 has zero reference mass.
     - KL floors the candidate's bin mass at ``TAIL_EPS``. With that floor, the bin KL is a
       lower bound on ``kl_full`` only while no candidate probability falls below ``TAIL_EPS``;
       and it can dip a hair below 0 when the candidate's top-k masses sum above 1.
@@ -146,6 +151,7 @@ def compare_position(
         candidate_top1=int(ids[candidate_rank1]),
         top1_match=reference_top1 == int(ids[candidate_rank1]),
         top1_margin=_top1_margin(reference),
+        choice_gap=float(reference[reference_top1] - reference[int(ids[candidate_rank1])]),
         reference_top1_logprob=float(reference[reference_top1]),
         candidate_top1_logprob=float(candidate[candidate_rank1]),
         cosine=cosine,

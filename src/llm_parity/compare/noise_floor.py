@@ -33,7 +33,8 @@ class NoiseFloor:
     device: str
     k: int
     views: dict[str, dict[str, dict[str, list[float]]]]
-    # Reference margins of the top-1 flips rounding alone caused, per view.
+    # How far below the reference's top-1 (its own log-probs) each top-1 flip that rounding
+    # alone caused chose, per view: what the near-tie margin must cover.
     flip_margins: dict[str, list[float]] = field(default_factory=dict)
 
     @classmethod
@@ -52,7 +53,7 @@ class NoiseFloor:
                               r.positions[0].value(m) is not None}
                 for r in results
             }
-            flips[view] = [float(p.comparison.top1_margin) for r in results
+            flips[view] = [float(p.comparison.choice_gap) for r in results
                            for p in r.positions if not p.comparison.top1_match]
         return cls(dtype=dtype, device=device, k=k, views=views, flip_margins=flips)
 

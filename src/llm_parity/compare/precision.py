@@ -9,6 +9,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from llm_parity.compare.answers import Decoded, NextToken
 from llm_parity.compare.gates import VIEWS, Gate, GateResult, Thresholds
 from llm_parity.compare.metrics import PositionComparison, aggregate, compare_position
@@ -26,7 +28,10 @@ class PositionResult:
 
     position: int  # index in the scored sequence of the token whose successor is compared
     comparison: PositionComparison
-    near_tie: bool  # a top-1 flip inside the near-tie margin (bf16 rounding can cause it)
+    # A top-1 flip to a token the reference ranks within the near-tie margin of its own
+    # top-1 (bf16 rounding can cause it); a token far below it is a defect, whatever the
+    # reference's rank-1/rank-2 gap.
+    near_tie: bool
     reference_top1_text: str = ""
     candidate_top1_text: str = ""
 
@@ -47,8 +52,9 @@ class Divergence:
     step: int
     reference_token: str
     candidate_token: str
-    reference_margin: float
-    near_tie: bool
+    reference_margin: float  # the reference's rank-1/rank-2 gap there
+    choice_gap: float  # the reference's gap from its top-1 to the candidate's token
+    near_tie: bool  # choice_gap under the near-tie margin
     context: str  # the text just before the divergent token
 
 
@@ -118,8 +124,26 @@ class PrecisionResult:
         return [*self.prompts, *self.sequences, *self.decodes]
 
     @property
+    def judged(self) -> int:
+        """How many gate outcomes this run has: across prompts and per prompt."""
+        return len(self.gate_results) + sum(len(p.gate_results)
+                                            for p in self.all_prompt_results)
+
+    @property
+    def nothing_judged(self) -> str | None:
+        """Why the run judged no gate at all, when it did not (else None)."""
+        if self.judged:
+            return None
+        if not self.not_judged:
+            return "no gate was judged: the thresholds file has no precision gate"
+        return "no gate was judged: " + "; ".join(
+            f"{n.gate.name} ({n.reason})" for n in self.not_judged)
+
+    @property
     def passed(self) -> bool:
-        return (all(r.passed for r in self.gate_results)
+        # A run that judged no gate has shown nothing: it does not pass.
+        return (self.judged > 0
+                and all(r.passed for r in self.gate_results)
                 and all(p.passed for p in self.all_prompt_results)
                 and not any(n.strict for n in self.not_judged))
 
@@ -157,6 +181,12 @@ def compare_prompts(
     ]
 
 
+def is_near_tie(comparison: PositionComparison, near_tie_margin: float) -> bool:
+    """A flip is a near-tie when the token the candidate chose is within the margin of the
+    reference's top-1 in the reference's own log-probs."""
+    return (not comparison.top1_match) and comparison.choice_gap < near_tie_margin
+
+
 def compare_view(
     position: int,
     reference: NextToken,
@@ -173,7 +203,7 @@ def compare_view(
     return PositionResult(
         position=position,
         comparison=comparison,
-        near_tie=(not comparison.top1_match) and comparison.top1_margin < near_tie_margin,
+        near_tie=is_near_tie(comparison, near_tie_margin),
         reference_top1_text=decode(comparison.reference_top1),
         candidate_top1_text=decode(comparison.candidate_top1),
     )
@@ -219,16 +249,21 @@ def compare_decodes(
     for prompt, ids, ref, cand in zip(prompts, token_ids, reference, candidate, strict=True):
         positions = []
         divergence = None
-        for j, (r, c) in enumerate(zip(ref.steps, cand.steps)):
+        for j, (r, c) in enumerate(zip(ref.steps, cand.steps, strict=True)):
             position = compare_view(len(ids) - 1 + j, r, c, near_tie_margin, k, decode)
             positions.append(position)
             if cand.token_ids[j] != ref.token_ids[j]:
+                # The token the candidate decoded, as the reference ranks it: an engine's
+                # sampler may break a bf16 tie otherwise than its own log-probs' order.
+                assert r.full_logprobs is not None, "the reference must expose the vocabulary"
+                gap = float(np.max(r.full_logprobs) - r.full_logprobs[int(cand.token_ids[j])])
                 divergence = Divergence(
                     step=j,
                     reference_token=decode(ref.token_ids[j]),
                     candidate_token=decode(cand.token_ids[j]),
                     reference_margin=position.comparison.top1_margin,
-                    near_tie=position.comparison.top1_margin < near_tie_margin,
+                    choice_gap=gap,
+                    near_tie=gap < near_tie_margin,
                     context=text(list(ids[-12:]) + list(ref.token_ids[:j])),
                 )
                 break
@@ -345,7 +380,7 @@ def _relative(result: GateResult, candidate_groups: list[list[float]],
     both saw (free-running decoding stops each side at its own divergence), with a paired
     bootstrap interval over prompts."""
     from llm_parity.compare.noise_floor import ratio
-    from llm_parity.compare.stats import paired_ratio_ci
+    from llm_parity.compare.stats import conservative, paired_ratio_ci
 
     gate = result.gate
     pairs = [(c[:n], f[:n]) for c, f in zip(candidate_groups, floor_groups)
@@ -362,6 +397,8 @@ def _relative(result: GateResult, candidate_groups: list[list[float]],
         point, low, high = paired_ratio_ci([c for c, _ in pairs], [f for _, f in pairs],
                                            gate.aggregate, ratio)
         interval = (low, high)
+        if gate.conservative:  # the unsafe end of the ratio's interval, as for other gates
+            value = conservative(point, low, high, gate.bound)
     return GateResult(gate, value, gate.check(value), point=point, interval=interval,
                       candidate_value=candidate_value, floor_value=floor_value,
                       count=len(cand))

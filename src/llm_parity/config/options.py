@@ -234,6 +234,7 @@ def build_settings(raw: dict[str, Any], rootdir: Path) -> Settings:
         long_prompts = _long_prompts(raw["long-prompts"], continuation)
     except (ThresholdsError, PromptsError) as exc:
         raise SettingsError(str(exc)) from None
+    _check_distinct_ids(prompts, long_prompts)
     noise_floor = str(raw["noise-floor"]).lower()
     if noise_floor not in NOISE_FLOOR_CHOICES:
         raise SettingsError(f"--noise-floor: expected one of {', '.join(NOISE_FLOOR_CHOICES)}, "
@@ -249,6 +250,8 @@ def build_settings(raw: dict[str, Any], rootdir: Path) -> Settings:
     configurations = select_configurations(
         thresholds_file.configurations, resolve_candidate_backend(candidate),
         raw["configurations"], str(thresholds_path))
+    _check_engine_options(candidate, options, reference_options, configurations,
+                          str(thresholds_path))
     localize = thresholds_file.localize
     if raw.get("localize"):
         mode = str(raw["localize"]).lower()
@@ -294,6 +297,41 @@ def build_settings(raw: dict[str, Any], rootdir: Path) -> Settings:
 
 
 NOISE_FLOOR_CHOICES = ("auto", "on", "off")
+
+
+def _check_engine_options(candidate: str, options: dict[str, Any],
+                          reference_options: dict[str, Any],
+                          configurations: tuple[Configuration, ...], source: str) -> None:
+    """Engine options read before any model loads: none that the suite owns, none the
+    backend does not read (vLLM's own names are checked against vLLM in preflight)."""
+    from llm_parity.engines.base import engine_class
+    from llm_parity.errors import EngineError
+
+    backend = resolve_candidate_backend(candidate)
+    checks = [(backend, options, "--candidate-option", "--candidate-dtype"),
+              ("hf", reference_options, "--reference-option (or [reference] options of "
+               f"{source})", "--reference-dtype")]
+    checks += [(backend, dict(c.args), f"{source}: [configurations.{c.name}] args",
+                "--candidate-dtype") for c in configurations if c.declared]
+    try:
+        for name, given, flag, dtype_flag in checks:
+            engine_class(name).check_options(given, flag, dtype_flag)
+    except EngineError as exc:
+        raise SettingsError(str(exc)) from None
+
+
+def _check_distinct_ids(prompts: PromptSet, long_prompts: PromptSet | None) -> None:
+    """The depth views, their tests and the noise floor are keyed by prompt id: an id in
+    both sets would pair one prompt's floor with the other's positions."""
+    if long_prompts is None:
+        return
+    shared = [p.id for p in long_prompts.prompts if p.id in set(prompts.ids)]
+    if shared:
+        more = f" (and {len(shared) - 1} more)" if len(shared) > 1 else ""
+        raise SettingsError(
+            f"--long-prompts: prompt id {shared[0]!r}{more} of {long_prompts.source} is also "
+            f"an id of --prompts {prompts.source}; results are keyed by id, so each prompt "
+            "needs its own (rename the ids, e.g. give a JSON or JSONL set an \"id\" per prompt)")
 
 
 def _store_path(value: str | None) -> Path | None:

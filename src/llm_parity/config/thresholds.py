@@ -145,6 +145,10 @@ class ThresholdsFile:
         """Every precision gate name the file can produce, on any platform, for this model."""
         return list({g.name: None for t in self._every_platform(model) for g in t.gates})
 
+    def prompt_gate_views(self, model: str | None) -> set[str]:
+        """The views some per-prompt gate reads, on any platform, for this model."""
+        return {g.over for t in self._every_platform(model) for g in t.prompt_gates}
+
     def performance_gate_names(self, model: str | None) -> list[str]:
         return list({g.name: None for t in self._every_platform(model)
                      for g in t.performance_gates})

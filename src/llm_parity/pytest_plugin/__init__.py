@@ -48,6 +48,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         )
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config, args: list[str]) -> None:
+    # The first moment the rootdir pytest chose can be checked against our options.
+    from llm_parity.pytest_plugin.paths import check_setup
+
+    check_setup(early_config, args)
+
+
 def _raw_options(config: pytest.Config) -> tuple[dict[str, Any], bool]:
     raw: dict[str, Any] = {}
     explicit = False
@@ -84,13 +92,20 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[SESSION_KEY] = session
     outcomes = config.stash[OUTCOMES_KEY] = SuiteOutcomes()
     config.pluginmanager.register(outcomes, "llm-parity-outcomes")
+    from llm_parity.pytest_plugin.paths import drop_inactive_thresholds
+
+    drop_inactive_thresholds(config, settings.thresholds_path)
     markexpr = config.getoption("markexpr", "") or ""
     asked = explicit or any(m in markexpr for m in MARKERS)
     if asked and not under_args(settings.thresholds_path, config):
         # Packaged or outside the tree: collect it explicitly so the suite still runs.
         config.args.append(str(settings.thresholds_path))
     if asked:
-        from llm_parity.pytest_plugin import distributed
+        from llm_parity.pytest_plugin import distributed, interrupt
+
+        # Where the suite runs, SIGTERM ends the session as Ctrl-C does: engines closed, a
+        # verdict written; a project that never asks for the suite keeps pytest's own.
+        interrupt.install(config)
 
         if distributed.EXCHANGE in getattr(config, "workerinput", {}):
             distributed.setup_worker(config)
@@ -121,13 +136,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     from llm_parity.pytest_plugin.fixtures import ENGINE_FIXTURES
 
+    if any(isinstance(i.parent, _suite_class()) for i in items):
+        from llm_parity.pytest_plugin import interrupt
+
+        interrupt.install(config)  # the suite runs (collected without being asked, too)
     # A test of the user's asks for the loaded engines: the run keeps them open for it.
     session.keep_engines = any(ENGINE_FIXTURES & set(getattr(i, "fixturenames", ()))
                                for i in items)
-    if session.settings.continuation:
-        return
-    # --continuation 0: the depth tests have nothing to compare; leave them out, counted.
-    depth = [i for i in items if getattr(i, "originalname", "") in ("test_sequence", "test_decode")
+    # A depth test judges its view's per-prompt gates: with --continuation 0 it has nothing
+    # to compare, and with no per-prompt gate over its view it could never fail; leave such
+    # tests out, counted as deselected (the run gates over that view still judge it).
+    views = (session.settings.thresholds_file.prompt_gate_views(session.settings.model)
+             if session.settings.continuation else set())
+    tests = {"test_sequence": "sequence", "test_decode": "decode"}
+    depth = [i for i in items if tests.get(getattr(i, "originalname", "")) not in (None, *views)
              and isinstance(i.parent, _suite_class())]
     if depth:
         config.hook.pytest_deselected(items=depth)
@@ -161,6 +183,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     state = config.stash.get(SESSION_KEY, None)
     if state is None:
         return
+    from llm_parity.pytest_plugin import interrupt
+
+    state.interrupted = interrupt.finish(session)  # first: it may set the exit status
     if hasattr(config, "workerinput") and state.exchange is not None:
         state.close_engines()  # a pytest-xdist worker: the controller writes the verdict
         return
@@ -170,7 +195,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     perf_run = config.stash.get(PERF_KEY, None)
     measured = perf_run is not None and (perf_run.results or perf_run.gate_outcomes
                                          or perf_run.not_measured)
-    if not (state.attempted or measured):
+    if not (state.attempted or measured or state.interrupted):
         return  # nothing ran (e.g. --collect-only): write nothing rather than an empty verdict
     from llm_parity.report.outputs import write_outputs
     from llm_parity.report.verdict import full_verdict
@@ -185,6 +210,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         write_outputs(data, state.settings.parity_json, state.settings.parity_reports)
     finally:
         state.close_engines()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    from llm_parity.pytest_plugin import interrupt
+
+    interrupt.uninstall(config)  # the signal handlers the session found
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:

@@ -34,15 +34,37 @@ def setup_controller(config: pytest.Config) -> None:
     store = session.settings.reference_store
     from llm_parity.runner.golden import ReferenceStore
 
+    build = ("Build it once first, with the run's --model, --prompts, --long-prompts and "
+             "--continuation: llm-parity reference build DIR ..., then run pytest -n N "
+             "--reference-store=DIR")
     if store is None or not ReferenceStore(store).exists():
         where = f"--reference-store {store}" if store else "no --reference-store"
         raise pytest.UsageError(
             f"llm-parity: pytest -n splits the prompts across workers, which share the "
             f"float32 reference through a golden store ({where}: "
-            f"{'it does not exist yet' if store else 'none given'}). Build it once first, "
-            "with the run's --model, --prompts, --long-prompts and --continuation: "
-            "llm-parity reference build DIR ..., then run pytest -n N --reference-store DIR")
+            f"{'it does not exist yet' if store else 'none given'}). {build}")
+    settings = session.settings
+    if settings.reference_store_update:
+        raise pytest.UsageError(
+            "llm-parity: --reference-store-update under pytest -n would have every worker "
+            f"rewrite {store}; rewrite it once without -n (or with llm-parity reference build), "
+            "then run pytest -n N")
+    if _floor_needed(settings) and not ReferenceStore(store).floor_path(
+            settings.candidate_dtype, settings.logprobs).is_file():
+        raise pytest.UsageError(
+            f"llm-parity: the gates relative to the noise floor need it in the golden store "
+            f"{store}, which holds no {settings.candidate_dtype} floor at --logprobs "
+            f"{settings.logprobs}; under pytest -n the workers only read it. {build} (without "
+            "--noise-floor off), or add --noise-floor off to leave those gates unjudged")
     config.pluginmanager.register(Controller(config), "llm-parity-xdist-controller")
+
+
+def _floor_needed(settings) -> bool:
+    """Whether this run reads a noise floor, on any platform its gates may resolve to."""
+    from llm_parity.runner.precision import _floor_wanted
+
+    return any(_floor_wanted(settings, settings.thresholds(platform, settings.model))
+               for platform in (None, "npu", "cuda", "cpu", "xpu"))
 
 
 class Controller:
@@ -63,11 +85,22 @@ class Controller:
         self.workers += 1
 
     def finish(self) -> None:
-        """Read every worker's shares and build the run the verdict is made from."""
+        """Read every worker's shares and build the run the verdict is made from; when no
+        worker shared any, the verdict says so (an error), never nothing."""
+        from llm_parity.errors import EngineError
         from llm_parity.runner.exchange import Exchange
 
         session = self.config.stash[SESSION_KEY]
-        if session.attempted or not any(self.path.glob("*.pickle")):
+        if session.attempted:
+            return
+        ran = self.config.stash[OUTCOMES_KEY].selected
+        if not any(f"::{name}[" in nodeid for nodeid in ran for name in PRECISION_TESTS):
+            return  # no precision test of the suite ran (deselected): nothing to judge
+        if not any(self.path.glob("*.pickle")):
+            session.attempted = True
+            session.error = EngineError(
+                f"no pytest-xdist worker of {self.workers} shared its candidate answers: each "
+                "stopped before the exchange (their errors are in the test report above)")
             return
         session.exchange = Exchange(self.path, self.workers, index=None, wait_s=5.0)
         try:
@@ -86,7 +119,9 @@ def setup_worker(config: pytest.Config) -> None:
     workerinput = config.workerinput  # type: ignore[attr-defined]
     count = int(workerinput.get("workercount", 1))
     index = int(str(workerinput["workerid"]).removeprefix("gw"))
-    config.stash[SESSION_KEY].exchange = Exchange(Path(workerinput[EXCHANGE]), count, index)
+    exchange = Exchange(Path(workerinput[EXCHANGE]), count, index)
+    exchange.announce()  # the others can tell a worker that died from one still working
+    config.stash[SESSION_KEY].exchange = exchange
     # Processes computing at once on shared cores slow each other down many times when
     # each takes every core: give each its share, unless the user chose.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // count)))
@@ -105,12 +140,15 @@ def visible_devices(index: int, per_worker: int) -> dict[str, str]:
     return {name: devices for name in VISIBILITY}
 
 
+# The suite's tests that read the precision run (each worker runs it before the first).
+PRECISION_TESTS = ("test_prompt", "test_sequence", "test_decode", "test_gate")
+
+
 class Worker:
     @pytest.hookimpl(wrapper=True)
     def pytest_runtestloop(self, session: pytest.Session):
         state = session.config.stash[SESSION_KEY]
-        precision = ("test_prompt", "test_sequence", "test_decode", "test_gate")
-        if any(getattr(item, "originalname", "") in precision for item in session.items):
+        if any(getattr(item, "originalname", "") in PRECISION_TESTS for item in session.items):
             try:
                 state.precision()  # this worker's share first, then everyone's
             except Exception:  # noqa: BLE001 - kept in session.error; each test raises it

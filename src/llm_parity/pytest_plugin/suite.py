@@ -46,7 +46,7 @@ def parity_configuration():
 def _judged(run, configuration: str | None, request):
     """The precision result a test reads: its configuration's, recorded as properties."""
     if configuration is None:
-        return run.precision
+        return _anything_judged(run.precision)
     entry = run.configuration(configuration)
     request.node.user_properties.append(("configuration", configuration))
     base = run.configurations[0].configuration
@@ -55,7 +55,14 @@ def _judged(run, configuration: str | None, request):
     if entry.precision is None:
         pytest.fail(f"configuration {configuration} could not run: {entry.error}",
                     pytrace=False)
-    return entry.precision
+    return _anything_judged(entry.precision)
+
+
+def _anything_judged(precision):
+    """A run that judged no gate shows nothing: every test of it fails, saying why."""
+    if precision.nothing_judged:
+        pytest.fail(precision.nothing_judged, pytrace=False)
+    return precision
 
 
 @pytest.mark.precision
@@ -69,8 +76,13 @@ def _check_prompt(run, configuration, view: str, prompt_id: str, request) -> Non
     result = next(p for p in precision.view(view) if p.prompt.id == prompt_id)
     for name, value in prompt_properties(result):
         request.node.user_properties.append((name, value))
+    strict = [n for n in precision.not_judged
+              if n.strict and n.gate.scope == "prompt" and n.gate.over == view]
     if not result.passed:
         pytest.fail(prompt_failure_message(result, precision), pytrace=False)
+    if strict:  # the verdict fails on them: so does each prompt they could not judge
+        pytest.fail("; ".join(f"gate {n.gate.name} was not judged: {n.reason}" for n in strict)
+                    + " (strict = true in [precision])", pytrace=False)
 
 
 @pytest.mark.precision

@@ -248,9 +248,10 @@ def compare_verdicts(old: dict[str, Any], new: dict[str, Any], *, top: int = 5,
                      old_name: str = "OLD", new_name: str = "NEW") -> Comparison:
     out = Comparison()
     out.lines.append(f"verdict: {old['verdict']} -> {new['verdict']}   ({old_name} -> {new_name})")
-    if new["verdict"] == "error":
-        out.lines.append(f"the new run did not finish: {new.get('error', 'no reason recorded')}")
-        if old["verdict"] != "error":
+    if new["verdict"] in ("error", "interrupted"):
+        reason = new.get("error") or (new.get("verdict_reasons") or ["no reason recorded"])[0]
+        out.lines.append(f"the new run did not finish: {reason}")
+        if old["verdict"] not in ("error", "interrupted"):
             out.regressions.append("the new run did not finish")
     _compare_setup(old, new, out)
     _compare_gates("Gates:", [*(old.get("gates") or []), *(old.get("not_judged") or [])],

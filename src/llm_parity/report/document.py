@@ -101,9 +101,11 @@ def build_blocks(data: dict[str, Any], generated: str | None = None) -> list[Blo
         version = (data.get("environment") or {}).get("llm_parity")
         blocks.append(Para(f"Generated {generated}"
                            + (f" by llm-parity {version}" if version else "") + "."))
-    if data.get("verdict") == "error":
-        blocks.append(Banner("error", "ERROR: the precision run did not finish, so nothing "
-                             "was judged.", []))
+    if data.get("verdict") == "error" or (data.get("verdict") == "interrupted"
+                                          and not data.get("prompts")):
+        kind = str(data["verdict"])
+        blocks.append(Banner(kind, f"{kind.upper()}: the precision run did not finish, so "
+                             "nothing was judged.", []))
         blocks.append(Code(str(data.get("error", ""))))
         blocks += _environment(data)
         return blocks
@@ -136,7 +138,11 @@ def _banner(data: dict[str, Any]) -> Banner:
     verdict = data["verdict"]
     subject = (f"the candidate ({_engine(data.get('candidate'))}) against the reference "
                f"({_engine(data.get('reference'))}) on {len(prompts)} prompts")
-    if verdict == "pass" and not failed_perf:
+    if verdict == "interrupted":
+        reason = (data.get("verdict_reasons") or ["interrupted"])[0]
+        headline = (f"INTERRUPTED: {subject}; {reason}. What follows was judged before the "
+                    "session was cut short.")
+    elif verdict == "pass" and not failed_perf:
         headline = f"PASS: {subject}, every gate met."
     elif verdict == "pass":
         headline = f"PASS on precision, FAIL on speed: {subject}."
@@ -171,7 +177,8 @@ def _banner(data: dict[str, Any]) -> Banner:
         details.append(f"{len(perf_gates) - len(failed_perf)} of {len(perf_gates)} performance "
                        "gates pass" + ("." if not failed_perf else ": failed "
                                        + ", ".join(g["name"] for g in failed_perf) + "."))
-    return Banner(verdict if not failed_perf else "fail", headline, details)
+    return Banner(verdict if not failed_perf or verdict == "interrupted" else "fail", headline,
+                  details)
 
 
 def _gates(data: dict[str, Any]) -> list[Block]:
@@ -597,13 +604,14 @@ def _error_analysis(data: dict[str, Any]) -> list[Block]:
     near = [p for p in flips if p.get("near_tie")]
     if flips:
         items.append(f"First token: {len(flips)} of {len(prompts)} prompts flipped top-1; "
-                     f"{len(near)} were near-ties (reference margin below {fmt(margin)}), "
-                     f"{len(flips) - len(near)} were defects.")
-        for p in sorted(flips, key=lambda p: -(p.get("top1_margin") or 0))[:8]:
+                     f"{len(near)} were near-ties (the token chosen less than {fmt(margin)} "
+                     f"below the reference's top-1), {len(flips) - len(near)} were defects.")
+        for p in sorted(flips, key=lambda p: -(p.get("choice_gap") or 0))[:8]:
             kind = "near-tie" if p.get("near_tie") else "defect"
             items.append(f"{p['id']}: reference {_tok(p['reference_top1'])}, candidate "
-                         f"{_tok(p['candidate_top1'])}, margin {_value(p.get('top1_margin'))} "
-                         f"({kind}).")
+                         f"{_tok(p['candidate_top1'])}, {_value(p.get('choice_gap'))} below "
+                         f"the reference's top-1, reference margin "
+                         f"{_value(p.get('top1_margin'))} ({kind}).")
     else:
         close = [p for p in prompts if p.get("top1_margin") is not None
                  and margin is not None and p["top1_margin"] < margin]

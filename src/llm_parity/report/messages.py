@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 # Per-position metrics recorded for each prompt, where measured.
 POSITION_METRICS = ("cosine", "kl", "js", "mae", "spearman", "rel_error", "top1_margin",
-                    "p_tail", "q_tail", "cosine_full", "kl_full", "js_full", "mae_full")
+                    "choice_gap", "p_tail", "q_tail", "cosine_full", "kl_full", "js_full", "mae_full")
 
 
 def _gate_line(result: GateResult) -> str:
@@ -85,7 +85,8 @@ def _flip_line(position, margin_floor: float) -> str:
     return (f"position {position.position}: reference top-1 {position.reference_top1_text} "
             f"(log-prob {fmt(c.reference_top1_logprob)}), candidate top-1 "
             f"{position.candidate_top1_text} (log-prob {fmt(c.candidate_top1_logprob)}); "
-            f"reference margin {fmt(c.top1_margin)}, {kind}")
+            f"{fmt(c.choice_gap)} below the reference's top-1 in its own log-probs "
+            f"(reference rank-1/rank-2 margin {fmt(c.top1_margin)}), {kind}")
 
 
 def prompt_failure_message(result: PromptResult, precision: PrecisionResult) -> str:
@@ -108,8 +109,9 @@ def prompt_failure_message(result: PromptResult, precision: PrecisionResult) -> 
         d = result.divergence
         kind = "a near-tie" if d.near_tie else "a defect"
         lines.append(f"  free-running decoding diverged at step {d.step}: reference "
-                     f"{d.reference_token}, candidate {d.candidate_token}, reference margin "
-                     f"{fmt(d.reference_margin)} ({kind}); text before it: {d.context[-80:]!r}")
+                     f"{d.reference_token}, candidate {d.candidate_token} ({fmt(d.choice_gap)} below "
+                     f"it in the reference; reference margin {fmt(d.reference_margin)}) "
+                     f"({kind}); text before it: {d.context[-80:]!r}")
     return "\n".join(lines)
 
 
@@ -175,6 +177,8 @@ def localization_lines(loc: Mapping[str, Any]) -> list[str]:
     if not loc["diverged"]:
         lines.append(f"  nothing diverges: every captured point within {ratio(head['limit'])} "
                      "its bf16 floor")
+        if loc.get("unseen"):
+            lines.append(f"  the failure is on a path the capture did not take: {loc['unseen']}")
     else:
         text = f"  {loc['where']}"
         if named is not None:
@@ -206,6 +210,8 @@ def localization_properties(loc: Mapping[str, Any]) -> list[tuple[str, Any]]:
               ("diverged", loc["diverged"]), ("where", loc["where"]),
               ("layer", "" if loc["layer"] is None else loc["layer"]),
               ("module", loc["module"] or "")]
+    if loc.get("unseen"):
+        props.append(("unseen", loc["unseen"]))
     head = next((r for r in loc["results"] if r["where"] == loc["where"]), None)
     if head is not None:
         props += [("prompt_id", head["prompt_id"]), ("positions", len(head["positions"])),

@@ -92,7 +92,8 @@ font-size:12px;background:#f6f8fa;padding:0 3px;border-radius:3px}
 .good{color:var(--good);font-weight:600}.bad{color:#fff;background:var(--bad);font-weight:600}
 .neutral{color:var(--warn);font-weight:600}td.plain{white-space:nowrap}
 .banner{border-radius:6px;padding:12px 16px;margin:0 0 1em;border:1px solid}
-.banner.pass{background:#dafbe1;border-color:#4ac26b}.banner.fail,.banner.error{background:#ffebe9;
+.banner.pass{background:#dafbe1;border-color:#4ac26b}
+.banner.fail,.banner.error,.banner.interrupted{background:#ffebe9;
 border-color:#ff8182}.banner p{font-size:1.2em;font-weight:700;margin:0 0 .3em}
 .banner ul{margin:0;padding-left:1.2em}figure{margin:.8em 0 1.2em}
 figure .plots{display:flex;flex-wrap:wrap;gap:24px}figcaption{color:var(--muted);font-size:13px}

@@ -19,8 +19,8 @@ _VIEWS = (("prompts", "first token"), ("sequences", "sequence"), ("decodes", "de
 
 
 def precision_summary(data: Mapping[str, Any]) -> list[str]:
-    if data.get("verdict") == "error" and not data.get("prompts"):
-        return [f"verdict: ERROR   {data.get('error', '')}"]
+    if data.get("verdict") in ("error", "interrupted") and not data.get("prompts"):
+        return [f"verdict: {data['verdict'].upper()}   {data.get('error', '')}"]
     candidate, reference = data["candidate"], data.get("reference") or {}
     protocol = data.get("protocol") or {}
     lines = [

@@ -64,7 +64,7 @@ def _depth_entry(result: PromptResult) -> dict[str, Any]:
         entry["divergence"] = None if d is None else {
             "step": d.step, "reference_token": d.reference_token,
             "candidate_token": d.candidate_token, "reference_margin": d.reference_margin,
-            "near_tie": d.near_tie, "context": d.context}
+            "choice_gap": d.choice_gap, "near_tie": d.near_tie, "context": d.context}
     return entry
 
 
@@ -105,7 +105,7 @@ def verdict_dict(session: ParitySession) -> dict[str, Any]:
                                       for c in (configurations or {}).get("entries", []))
     out = {
         "schema_version": SCHEMA_VERSION,
-        "verdict": "pass" if passed else "fail",
+        "verdict": "pass" if passed else ("error" if precision.nothing_judged else "fail"),
         "model": run.reference_model.name,
         "candidate_model": run.candidate_model.name,
         "candidate": run.candidate,
@@ -131,6 +131,8 @@ def verdict_dict(session: ParitySession) -> dict[str, Any]:
         "timings": run.timings,
         "environment": session.environment,
     }
+    if precision.nothing_judged:
+        out["error"] = precision.nothing_judged
     if configurations is not None:
         out["configurations"] = configurations
     if run.localization is not None:
@@ -166,7 +168,8 @@ def configurations_dict(run: Any) -> dict[str, Any] | None:
         failed_prompts = sorted({f"{r.view}:{r.prompt.id}" for r in
                                  precision.all_prompt_results if not r.passed})
         item.update(
-            verdict="pass" if precision.passed else "fail",
+            verdict="pass" if precision.passed else (
+                "error" if precision.nothing_judged else "fail"),
             gates=[gate_dict(r) for r in precision.gate_results],
             failed_gates=[r.gate.name for r in precision.gate_results if not r.passed],
             failed_prompts=failed_prompts,
@@ -264,11 +267,29 @@ def full_verdict(session: ParitySession, perf_run: Any = None,
                                      for k, n in bad.items() if n))
         if outcomes.get("exit_status", 0) not in (0, None) and not reasons:
             reasons.append(f"pytest exits with status {outcomes['exit_status']}")
+    interrupted = session.interrupted
+    if interrupted is not None:
+        # Whatever was judged before the signal, the run did not finish: not a pass, and
+        # not a fail either.
+        reason = interruption_text(interrupted)
+        reasons.insert(0, reason)
+        data["interrupted"] = dict(interrupted)
+        if session.run is None and not isinstance(session.error, Exception):
+            data["error"] = reason  # the run itself was what the signal stopped
     if reasons and data["verdict"] == "pass":
         data["verdict"] = "fail"
+    if interrupted is not None:
+        data["verdict"] = "interrupted"
     if reasons:
         data["verdict_reasons"] = reasons
     return clean(data)
+
+
+def interruption_text(interrupted: Mapping[str, Any]) -> str:
+    """One line for an interrupted session: the signal, and the engine step it cut short."""
+    what = f"interrupted by {interrupted['signal']}" if interrupted.get("signal") else (
+        "interrupted (pytest stopped the session)")
+    return what + (f" while {interrupted['during']}" if interrupted.get("during") else "")
 
 
 # ---------------------------------------------------------------- reading a verdict's views

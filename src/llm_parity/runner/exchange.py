@@ -21,6 +21,9 @@ from llm_parity.errors import EngineError
 from llm_parity.runner.golden import shard_range
 
 WAIT_S = 6 * 3600.0  # a worker that has not written its share by then is taken as lost
+# A worker that has not even announced itself by then never started (a worker announces
+# itself when pytest configures it, seconds after the run starts).
+START_S = 60.0
 
 
 class Exchange:
@@ -72,6 +75,30 @@ class Exchange:
     def _file(self, name: str, index: int) -> Path:
         return self.path / f"{name}-{index}.pickle"
 
+    def _pid_file(self, index: int) -> Path:
+        return self.path / f"worker-{index}.pid"
+
+    def announce(self) -> None:
+        """A worker writes its process id, so the others can see it die."""
+        assert self.index is not None
+        staging = self._pid_file(self.index).with_suffix(".tmp")
+        staging.write_text(str(os.getpid()))
+        os.replace(staging, self._pid_file(self.index))
+
+    def _lost(self, index: int, waited: float) -> str | None:
+        """Why worker `index` will never write its share, if it will not."""
+        if self.index is None:
+            return None  # the controller reads once the workers are done: nothing to wait on
+        pid_file = self._pid_file(index)
+        if not pid_file.is_file():
+            return (f"worker gw{index} of {self.count} did not start within {START_S:.0f} s"
+                    if waited > START_S else None)
+        pid = int(pid_file.read_text() or 0)
+        if not process_alive(pid):
+            return (f"worker gw{index} of {self.count} (pid {pid}) ended before it shared its "
+                    "candidate answers")
+        return None
+
     def _write(self, name: str, index: int, data: dict[str, Any]) -> None:
         target = self._file(name, index)
         staging = target.with_name(target.name + ".tmp")
@@ -81,9 +108,13 @@ class Exchange:
 
     def _read(self, name: str, index: int) -> dict[str, Any]:
         path = self._file(name, index)
-        deadline = time.monotonic() + self.wait_s
+        started = time.monotonic()
         while not path.is_file():
-            if time.monotonic() > deadline:
+            waited = time.monotonic() - started
+            lost = self._lost(index, waited)
+            if lost and not path.is_file():  # it may have written just before it ended
+                raise EngineError(f"{lost} (configuration {name})")
+            if waited > self.wait_s:
                 raise EngineError(f"worker {index} of {self.count} never wrote its share of "
                                   f"configuration {name} ({path})")
             time.sleep(0.2)
@@ -92,3 +123,21 @@ class Exchange:
         if "error" in data:
             raise EngineError(f"worker {index} of {self.count}: {data['error']}")
         return data
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process runs (a zombie, ended but not yet reaped, does not)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # Linux: the state letter after the command name in /proc/PID/stat
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+

@@ -217,12 +217,15 @@ class ReferenceStore:
             raise StoreError(f"{self.data_path}: unreadable ({exc}); {REFRESH_HINT}") from None
 
     def write(self, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
-        """A temp directory, then a rename: a store is whole or absent, never half written."""
+        """A temp directory, then a rename: a store is whole or absent, never half written,
+        also when a signal (Ctrl-C, a cancelled CI job) lands mid-write: the staging
+        directory goes, and a store being replaced comes back."""
         from safetensors.numpy import save_file
 
         meta = {**meta, "bytes_per_position": int(tensors["first_logits"].shape[1] * 4)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
+        retired, moved = self.path.with_name(f".{self.path.name}.old"), False
         try:
             save_file(dict(tensors), str(staging / DATA_FILE), metadata={"format": str(FORMAT)})
             (staging / KEY_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -230,15 +233,17 @@ class ReferenceStore:
             for written in staging.iterdir():
                 os.chmod(written, 0o644)
             if self.path.exists():
-                retired = self.path.with_name(f".{self.path.name}.old")
                 shutil.rmtree(retired, ignore_errors=True)
                 os.replace(self.path, retired)
+                moved = True
                 os.replace(staging, self.path)
                 shutil.rmtree(retired, ignore_errors=True)
             else:
                 os.replace(staging, self.path)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
+            if moved and not self.path.exists():
+                os.replace(retired, self.path)  # stopped between the two renames
             raise
 
     def floor_path(self, dtype: str, k: int) -> Path:
@@ -265,9 +270,13 @@ class ReferenceStore:
     def save_floor(self, key: Mapping[str, Any], floor: Any) -> None:
         path = self.floor_path(floor.dtype, floor.k)
         staging = path.with_name(path.name + ".tmp")
-        staging.write_text(json.dumps({"key": dict(key), "floor": floor.to_dict()})
-                           + "\n", encoding="utf-8")
-        os.replace(staging, path)
+        try:
+            staging.write_text(json.dumps({"key": dict(key), "floor": floor.to_dict()})
+                               + "\n", encoding="utf-8")
+            os.replace(staging, path)
+        except BaseException:
+            staging.unlink(missing_ok=True)
+            raise
 
 
 def _stack_logits(views: Sequence[NextToken]) -> np.ndarray:

@@ -36,6 +36,9 @@ class LocalizationRun:
     timings: dict[str, float] = field(default_factory=dict)
     reused_engine: bool = False
     failed: bool = False  # the localized configuration failed its gates
+    # Where the failure lies when it is on a path the capture did not take (the decode path,
+    # a compiled graph), said instead of naming the output head.
+    unseen: str = ""
 
     @property
     def headline(self) -> Localization | None:
@@ -55,6 +58,7 @@ class LocalizationRun:
             "module": head.module if head else None,
             "results": [r.as_dict() for r in self.results],
             "timings": dict(self.timings), "reused_engine": self.reused_engine,
+            "unseen": self.unseen,
         }
 
 
@@ -137,19 +141,44 @@ def localize_run(settings: Settings, run: Run, kept: dict[str, Any] | None = Non
         out.error = str(exc)
         out.timings["total_s"] = time.perf_counter() - started
         return out
+    compiled = bool(options.get("enforce_eager")
+                    and not target.configuration.args.get("enforce_eager"))
+    unseen = unseen_path(target, compiled)
     results = []
     for (prompt_id, view, _ids, positions), (reference, floor, candidate) in zip(
             sequences, captures):
         results.append(localize(
             reference, candidate, floor, dtype=settings.candidate_dtype,
             limit=settings.localize.ratio, prompt_id=prompt_id, view=view,
-            positions=positions, output_failed=out.failed))
+            positions=positions, output_failed=out.failed and not unseen))
     out.results = tuple(results)
+    if out.failed and unseen and not any(r.diverged for r in results):
+        out.unseen = unseen
     out.timings["total_s"] = time.perf_counter() - started
     if options.get("enforce_eager") and not target.configuration.args.get("enforce_eager"):
         out.note = (f"localized in eager mode (configuration {target.name} with "
                     "enforce_eager=true): hooks do not fire inside a compiled graph")
     return out
+
+
+def unseen_path(target: ConfigurationRun, compiled: bool) -> str:
+    """The path a failing configuration fails on that one eager prefill (the capture) does
+    not take, or "" when the capture takes the failing path. Said when nothing diverges
+    in the capture, instead of blaming the output head."""
+    precision = target.precision
+    if precision is None or precision.passed:
+        return ""
+    failing = {r.gate.over for r in precision.gate_results if not r.passed}
+    failing |= {p.view for p in precision.all_prompt_results if not p.passed}
+    if failing and failing <= {"decode"}:
+        return ("the decode path: only free-running decoding fails (the KV cache, decode "
+                "kernels, the sampler's step), and the capture is one prefill pass")
+    if compiled:
+        return (f"the compiled path: configuration {target.name} runs a compiled graph and "
+                "the capture runs the same engine eagerly (hooks need eager mode); or after "
+                "the final norm (the output head): judge --configurations eager as well to "
+                "tell them apart")
+    return ""
 
 
 def _capture_all(settings: Settings, run: Run, spec: EngineSpec, sequences, kept, spare,

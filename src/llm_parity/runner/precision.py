@@ -156,6 +156,9 @@ def run_precision(settings: Settings, environment: dict[str, Any],
     depth = _depth_prompts(settings, tokenizer, card)
     store, key = _reference_store(settings, reference_model, card, token_ids, depth,
                                   reference_spec)
+    if exchange is not None and (store is None or not store.exists()):
+        raise EngineError("under pytest -n the float32 reference comes from a golden store that "
+                          "exists before the workers start (llm-parity reference build)")
     if store is not None and store.exists() and not settings.reference_store_update:
         started = time.perf_counter()
         reference, reference_info = store.load(key, k)  # refuses a stale store, naming why
@@ -222,7 +225,7 @@ def run_precision(settings: Settings, environment: dict[str, Any],
                                   thresholds, k)
             noise_floor = _noise_floor(settings, thresholds, store, key, reference_spec,
                                        token_ids, depth, k, timings, vocab_size,
-                                       depth_sequences, compare)
+                                       depth_sequences, compare, stored_only=exchange is not None)
         if spare is not None and holder is not None and "candidate" in holder:
             spare.update(engine=holder["candidate"], spec=spec,
                          configuration=configuration.name)
@@ -272,13 +275,21 @@ def _candidate_role(backend: str, configuration: Configuration) -> str:
 
 
 def _noise_floor(settings, thresholds, store, key, reference_spec, token_ids, depth, k,
-                 timings, vocab_size, depth_sequences, compare):
-    """The bf16 floor's per-position values, from the store or measured (once per run)."""
+                 timings, vocab_size, depth_sequences, compare, stored_only=False):
+    """The bf16 floor's per-position values, from the store or measured (once per run).
+    With `stored_only` (pytest-xdist workers) it must come from the store: every worker
+    measuring it would race to write the same file."""
     if not _floor_wanted(settings, thresholds):
         return None
     noise_floor = store.load_floor(key, settings.candidate_dtype, k) if store else None
     if noise_floor is not None:
         return noise_floor
+    if stored_only:
+        raise EngineError(
+            f"the golden store {store.path if store else '(none)'} holds no noise floor for "
+            f"{settings.candidate_dtype} at --logprobs {k} that matches this reference; under "
+            "pytest -n the workers read it and never measure it: build it once with "
+            "llm-parity reference build (without --noise-floor off)")
     floor_spec = replace(reference_spec, dtype=settings.candidate_dtype,
                          role=f"noise floor (hf {settings.candidate_dtype})")
     floor_answers, floor_info = _run_engine(
@@ -386,7 +397,7 @@ def _reference_store(settings, reference_model, card, token_ids, depth, spec):
         depth=[(p.id, ids) for p, ids in zip(*depth)] if depth else [],
         continuation=settings.continuation if depth else 0,
         dtype=spec.dtype,
-        device=spec.device,
+        device=engine_class("hf").compute_device(spec),  # where it runs, not what was asked
         versions={"torch": package_version("torch"),
                   "transformers": package_version("transformers")},
         trust_remote_code=settings.trust_remote_code,
@@ -456,6 +467,7 @@ def _run_engine(
         vocab_size = len(first[0].full_logprobs)
     checks = [(p.id, "", a) for p, a in zip(settings.prompts.prompts, first)]
     if depth:
+        _check_depth_lengths(spec.role, depth, answers, sequences, settings.continuation)
         for kind in ("decoded", "sequence", "decode"):
             for prompt, views in zip(depth[0], answers.get(kind, [])):
                 steps = views.steps if hasattr(views, "steps") else views
@@ -465,3 +477,30 @@ def _run_engine(
             answer, k=k, vocab_size=vocab_size or k, where=f"{spec.role}, prompt {prompt_id}{where}"
         )
     return answers, info
+
+
+def _check_depth_lengths(role: str, depth, answers: dict[str, Any],
+                         sequences: list[list[int]] | None, continuation: int) -> None:
+    """Every prompt answered, and at every step asked: a short answer would be judged on
+    fewer positions without a word."""
+    prompts, prompt_ids = depth
+    for kind in ("decoded", "decode", "sequence"):
+        if kind not in answers:
+            continue
+        if len(answers[kind]) != len(prompts):
+            raise EngineError(f"{role}: {kind} answered {len(answers[kind])} prompts of "
+                              f"{len(prompts)}")
+        for i, (prompt, answer) in enumerate(zip(prompts, answers[kind])):
+            if kind == "sequence":
+                asked = len(sequences[i]) - len(prompt_ids[i]) if sequences else 0
+                got = len(answer)
+            else:
+                asked, got = continuation, len(answer.steps)
+                if len(answer.token_ids) != got:
+                    raise EngineError(f"{role}, prompt {prompt.id}: decoding returned "
+                                      f"{len(answer.token_ids)} tokens for {got} steps")
+            if got != asked:
+                what = "scored" if kind == "sequence" else "decoded"
+                raise EngineError(f"{role}, prompt {prompt.id}: {what} {got} positions of the "
+                                  f"{asked} asked (--continuation {continuation})")
+

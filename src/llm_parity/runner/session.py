@@ -19,6 +19,10 @@ class ParitySession:
         self.environment: dict[str, Any] = {}
         self.attempted = False
         self.verdict: dict[str, Any] | None = None  # built once, at the end of the session
+        # Set at the end of a session a signal (or pytest.exit) cut short: the signal's name
+        # and the engine step under way ("signal", "during"); the verdict is then
+        # "interrupted".
+        self.interrupted: dict[str, Any] | None = None
         # Set when a test asks for the loaded engines (the public fixtures): the run then
         # leaves them open here, and close_engines() releases them at the end.
         self.keep_engines = False

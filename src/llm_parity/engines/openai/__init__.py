@@ -82,6 +82,7 @@ def _names_of_model(*names: str | None) -> set[str]:
 
 class OpenAIEngine(Engine):
     backend = "openai"
+    known_options = tuple(OPTION_DEFAULTS)
 
     @classmethod
     def preflight(cls, spec: EngineSpec) -> str:

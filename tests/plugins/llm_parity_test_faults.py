@@ -9,9 +9,13 @@ in no other. Inert unless LLM_PARITY_VLLM_FAULT names one or more faults (comma-
   second or later chunk) are perturbed.
 - `prefix_hit`: the logits of a step that starts a request from cached prefix blocks are
   perturbed.
+- `decode`: the logits of a step that only decodes (one new token per request, from the KV
+  cache) are perturbed: prefills, and so every layer capture, stay right.
 
 vLLM loads general plugins in each of its processes; the patches act in the worker, where
-the model runs. Registered under `vllm.general_plugins` as `llm_parity_faults`.
+the model runs. Registered under `vllm.general_plugins` as `llm_parity_test_faults` by this
+directory's own distribution (tests/plugins/pyproject.toml), which only the project's test
+set-up installs: the suite's package never carries it.
 """
 
 from __future__ import annotations
@@ -19,12 +23,12 @@ from __future__ import annotations
 import os
 
 ENV_VAR = "LLM_PARITY_VLLM_FAULT"
-FAULTS = ("graph", "chunked_prefill", "prefix_hit")
+FAULTS = ("graph", "chunked_prefill", "prefix_hit", "decode")
 # Added to every logit of an affected step, scaled by the logit's own position in the
 # vocabulary: a tilt, so the distribution changes (a constant would cancel in softmax).
 TILT = 3.0
 
-_step = {"chunked_prefill": False, "prefix_hit": False}
+_step = {"chunked_prefill": False, "prefix_hit": False, "decode": False}
 
 
 def asked() -> set[str]:
@@ -42,7 +46,7 @@ def register() -> None:
         return
     if "graph" in faults:
         _break_graph()
-    if faults & {"chunked_prefill", "prefix_hit"}:
+    if faults & {"chunked_prefill", "prefix_hit", "decode"}:
         _break_steps(faults)
 
 
@@ -85,11 +89,14 @@ def _break_steps(faults: set[str]) -> None:
             for req_id, computed in zip(cached.req_ids, cached.num_computed_tokens))
         _step["prefix_hit"] = "prefix_hit" in faults and any(
             new.num_computed_tokens > 0 for new in scheduler_output.scheduled_new_reqs)
+        _step["decode"] = ("decode" in faults and bool(scheduled)
+                           and not scheduler_output.scheduled_new_reqs
+                           and all(n == 1 for n in scheduled.values()))
         return execute(self, scheduler_output, *args, **kwargs)
 
     def perturbed_logits(self, hidden_states):
         logits = compute_logits(self, hidden_states)
-        if logits is not None and (_step["chunked_prefill"] or _step["prefix_hit"]):
+        if logits is not None and any(_step.values()):
             tilt = torch.linspace(0.0, TILT, logits.shape[-1], dtype=logits.dtype,
                                   device=logits.device)
             logits = logits + tilt
