@@ -72,12 +72,20 @@ class Controller:
         self.config = config
         self.path = Path(tempfile.mkdtemp(prefix="llm-parity-exchange-"))
         self.workers = 0
+        self.expects_precision = False  # a worker collected a precision test of the suite
         session = config.stash[SESSION_KEY]
         thresholds = session.settings.thresholds_path
         root = Path(config.rootpath).resolve()
         prefix = (thresholds.relative_to(root).as_posix() if root in thresholds.parents
                   else "llm-parity")
         config.stash[OUTCOMES_KEY].prefix = prefix + "::"
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node, ids) -> None:
+        # A worker that dies before any test reports: its peers' collection still says the
+        # precision tests were to run, so the verdict is still written.
+        if any(f"::{name}[" in nodeid for nodeid in ids for name in PRECISION_TESTS):
+            self.expects_precision = True
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node) -> None:
@@ -94,13 +102,17 @@ class Controller:
         if session.attempted:
             return
         ran = self.config.stash[OUTCOMES_KEY].selected
-        if not any(f"::{name}[" in nodeid for nodeid in ran for name in PRECISION_TESTS):
-            return  # no precision test of the suite ran (deselected): nothing to judge
+        if not self.expects_precision and not any(
+                f"::{name}[" in nodeid for nodeid in ran for name in PRECISION_TESTS):
+            return  # no precision test of the suite was to run (deselected): nothing to judge
         if not any(self.path.glob("*.pickle")):
+            exchange = Exchange(self.path, self.workers, index=None)
+            lost = [why for i in range(self.workers) if (why := exchange.lost(i, 0.0))]
             session.attempted = True
             session.error = EngineError(
                 f"no pytest-xdist worker of {self.workers} shared its candidate answers: each "
-                "stopped before the exchange (their errors are in the test report above)")
+                "stopped before the exchange (their errors are in the test report above)"
+                + "".join(f"; {why}" for why in lost))
             return
         session.exchange = Exchange(self.path, self.workers, index=None, wait_s=5.0)
         try:

@@ -85,14 +85,14 @@ class Exchange:
         staging.write_text(str(os.getpid()))
         os.replace(staging, self._pid_file(self.index))
 
-    def _lost(self, index: int, waited: float) -> str | None:
+    def lost(self, index: int, waited: float) -> str | None:
         """Why worker `index` will never write its share, if it will not."""
-        if self.index is None:
-            return None  # the controller reads once the workers are done: nothing to wait on
         pid_file = self._pid_file(index)
         if not pid_file.is_file():
+            # The controller reads once the workers are done: one that never announced
+            # itself never started.
             return (f"worker gw{index} of {self.count} did not start within {START_S:.0f} s"
-                    if waited > START_S else None)
+                    if waited > START_S or self.index is None else None)
         pid = int(pid_file.read_text() or 0)
         if not process_alive(pid):
             return (f"worker gw{index} of {self.count} (pid {pid}) ended before it shared its "
@@ -111,7 +111,7 @@ class Exchange:
         started = time.monotonic()
         while not path.is_file():
             waited = time.monotonic() - started
-            lost = self._lost(index, waited)
+            lost = self.lost(index, waited)
             if lost and not path.is_file():  # it may have written just before it ended
                 raise EngineError(f"{lost} (configuration {name})")
             if waited > self.wait_s:
