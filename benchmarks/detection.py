@@ -7,23 +7,36 @@ and replayed from a golden store.
     .venv/bin/python benchmarks/detection.py --candidate vllm --out /tmp/detection
     .venv/bin/python benchmarks/detection.py --model SMOLLM2_DIR --out /tmp/detection-real \
         -- --configurations eager
+
+`--family F` runs that family's catalogue (`llm_parity.testing.family_mutants`) on its
+stand-in (`llm-parity toy-model --family F`, or `--model`), and its test-only vLLM faults
+(tests/plugins, installed by scripts/install.sh) on the correct checkpoint, and says where
+localization put each:
+
+    .venv/bin/python benchmarks/detection.py --family qwen3_moe --out /tmp/detect-moe \
+        -- --configurations eager
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from llm_parity.runner.toymodel import toy_model_dir
-from llm_parity.testing.mutants import BENIGN, BROKEN, CATALOGUE, detection, make_mutant
+from llm_parity.runner.toymodel import write_toy_model
+from llm_parity.testing.family_mutants import FAMILY_CATALOGUE, family_mutant
+from llm_parity.testing.mutants import BENIGN, CATALOGUE, detection, make_mutant
+
+# The test-only engine faults (tests/plugins/llm_parity_test_faults.py) of each family.
+FAMILY_FAULTS = {"qwen3_moe": ("moe_renormalize",), "gemma3": ("gemma_embed_scale",)}
 
 
 def run_suite(out: Path, name: str, candidate: str, model: Path | None, extra: list[str],
-              source: Path | None = None) -> dict:
+              source: Path | None = None, fault: str = "") -> dict:
     verdict_path = out / f"{name}.json"
     args = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-m", "precision",
             "--candidate", candidate, f"--reference-store={out / 'store'}",
@@ -33,12 +46,15 @@ def run_suite(out: Path, name: str, candidate: str, model: Path | None, extra: l
     if model is not None:
         args += [f"--candidate-model={model}"]
     started = time.perf_counter()
-    proc = subprocess.run(args, cwd=out, capture_output=True, text=True)
+    env = {**os.environ, "LLM_PARITY_VLLM_FAULT": fault}
+    proc = subprocess.run(args, cwd=out, capture_output=True, text=True, env=env)
     (out / f"{name}.log").write_text(proc.stdout + proc.stderr)
     if not verdict_path.is_file():
         raise SystemExit(f"{name}: no verdict written (exit {proc.returncode}); see "
                          f"{out / (name + '.log')}")
-    row = detection(json.loads(verdict_path.read_text()))
+    verdict = json.loads(verdict_path.read_text())
+    row = detection(verdict)
+    row["where"] = (verdict.get("localization") or {}).get("where", "")
     row["seconds"] = time.perf_counter() - started
     return row
 
@@ -51,6 +67,8 @@ def main() -> None:
                              "e.g. one made by `llm-parity smollm2`")
     parser.add_argument("--out", type=Path, default=Path("/tmp/llm-parity-detection"))
     parser.add_argument("--only", nargs="*", default=None, help="catalogue names to run")
+    parser.add_argument("--family", default=None, choices=sorted(FAMILY_CATALOGUE),
+                        help="run this family's catalogue and engine faults instead")
     parser.add_argument("extra", nargs="*", help="more suite options, after --")
     parser.add_argument("--table-only", action="store_true",
                         help="print the table of an earlier run's detection.json")
@@ -64,15 +82,29 @@ def main() -> None:
         print_table(rows, [n for n in rows if n != "correct"])
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    names = args.only or list(CATALOGUE)
-    source = args.model or toy_model_dir()
+    family = args.family
+    catalogue = FAMILY_CATALOGUE[family] if family else CATALOGUE
+    faults = FAMILY_FAULTS.get(family, ()) if family else ()
+    names = args.only or [*catalogue, *(f"fault:{f}" for f in faults)]
+    source = args.model
+    if source is None:
+        source = args.out / "models" / "correct"
+        if not source.exists():
+            write_toy_model(source, family or "llama")
     rows = {"correct": run_suite(args.out, "correct", args.candidate, None, args.extra,
-                                 args.model)}
+                                 source)}
     for name in names:
         target = args.out / "models" / name
-        if not target.exists():
-            make_mutant(source, target, name)
-        rows[name] = run_suite(args.out, name, args.candidate, target, args.extra, args.model)
+        if name.startswith("fault:"):
+            rows[name] = run_suite(args.out, name.replace(":", "-"), args.candidate, None,
+                                   args.extra, source, fault=name.removeprefix("fault:"))
+        else:
+            if not target.exists():
+                if family:
+                    family_mutant(source, target, family, name)
+                else:
+                    make_mutant(source, target, name)
+            rows[name] = run_suite(args.out, name, args.candidate, target, args.extra, source)
         print(name, rows[name]["verdict"], rows[name]["failed_gates"], flush=True)
         # written after every row, so an interrupted catalogue keeps what it measured
         (args.out / "detection.json").write_text(json.dumps(rows, indent=2))
@@ -80,10 +112,10 @@ def main() -> None:
 
 
 def print_table(rows: dict, names: list[str]) -> None:
-    print("\n| candidate | expected | founding protocol | full suite | caught by |")
-    print("|---|---|---|---|---|")
+    print("\n| candidate | expected | founding protocol | full suite | caught by | where |")
+    print("|---|---|---|---|---|---|")
     for name, row in rows.items():
-        broken = name in BROKEN
+        broken = name != "correct" and name not in BENIGN
         expected = "fail" if broken else "pass"
         founding = "fail" if row["founding_caught"] else "pass"
         if row.get("founding_near_ties_only"):
@@ -92,8 +124,9 @@ def print_table(rows: dict, names: list[str]) -> None:
         caught = ", ".join(row["failed_gates"][:4]) or (row["error"] or "")[:60]
         if not row["failed_gates"] and row["failed_prompt_gates"]:
             caught = "per-prompt: " + ", ".join(row["failed_prompt_gates"][:3])
-        print(f"| {name} | {expected} | {founding} | {suite} | {caught} |")
-    broken_rows = [rows[n] for n in names if n in BROKEN]
+        print(f"| {name} | {expected} | {founding} | {suite} | {caught} | "
+              f"{row.get('where', '')} |")
+    broken_rows = [rows[n] for n in names if n not in BENIGN]
     benign_rows = [rows[n] for n in names if n in BENIGN] + [rows["correct"]]
     luck = sum(r.get("founding_near_ties_only", False) for r in broken_rows)
     print(f"\nbroken caught: founding protocol {sum(r['founding_caught'] for r in broken_rows)}"

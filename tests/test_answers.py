@@ -6,7 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llm_parity.compare.answers import NextToken, check_next_token, next_token_from_logits
+from llm_parity.compare.answers import (
+    NextToken,
+    check_next_token,
+    log_softmax,
+    next_token_from_logits,
+    top_k,
+)
 from llm_parity.errors import AnswerError, EngineError
 
 
@@ -47,3 +53,32 @@ def test_rounding_inside_the_tolerance_passes():
 
 def test_an_answer_error_is_an_engine_error():
     assert issubclass(AnswerError, EngineError)  # a run stops on it like any engine failure
+
+
+def test_a_full_vocabulary_answer_keeps_one_float32_row():
+    import pickle
+
+    logits = np.random.default_rng(1).normal(0, 4, 1000).astype(np.float32)
+    view = next_token_from_logits(logits, 20)
+    # One float32 row, the engine's own, and no float64 copy of it kept.
+    assert view.logits.dtype == np.float32 and np.shares_memory(view.logits, logits)
+    held = [getattr(view, name) for name in NextToken.__slots__]
+    assert sum(a.nbytes for a in held if isinstance(a, np.ndarray)) <= 1000 * 4 + 20 * 16
+    # The float64 log-probs, computed on each read, are log_softmax's to the last bit.
+    assert view.full_logprobs.dtype == np.float64
+    assert np.array_equal(view.full_logprobs, log_softmax(logits))
+    assert list(view.token_ids) == list(np.argsort(-log_softmax(logits), kind="stable")[:20])
+    assert np.array_equal(view.logprobs, log_softmax(logits)[view.token_ids])
+    again = pickle.loads(pickle.dumps(view))  # as pytest-xdist workers exchange answers
+    assert np.array_equal(again.full_logprobs, view.full_logprobs)
+
+
+def test_top_k_is_the_stable_sort_of_the_whole_row():
+    rng = np.random.default_rng(2)
+    for _ in range(200):
+        row = rng.integers(-6, 0, size=int(rng.integers(1, 60))).astype(np.float32)
+        row[rng.random(row.size) < 0.1] = -np.inf
+        for k in (1, 3, 20, 100):
+            assert list(top_k(row, k)) == list(np.argsort(-row, kind="stable")[:k])
+    row = np.array([-1.0, np.nan, -2.0, -0.5], dtype=np.float32)
+    assert list(top_k(row, 2)) == list(np.argsort(-row, kind="stable")[:2])

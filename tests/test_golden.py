@@ -1,5 +1,6 @@
 """Golden reference stores: saved and replayed bit for bit, keyed, refused when stale,
-never half-written. No engine: rows of made-up logits through the real row builder."""
+never half-written, written row by row and read back mapped in float32. No engine: rows of
+made-up logits through the real row builder."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from llm_parity.compare.answers import Decoded, next_token_from_logits
 from llm_parity.compare.metrics import compare_position
 from llm_parity.errors import StoreError
+from llm_parity.runner import golden
 from llm_parity.runner.golden import ReferenceStore, build_key, key_changes
 
 VOCAB, K, STEPS = 50, 5, 4
@@ -101,13 +103,11 @@ def test_a_failed_save_leaves_the_old_store_whole(tmp_path, monkeypatch):
     store.save(key(), answers(seed=1), {})
     before = store.data_path.read_bytes()
 
-    def disk_full(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"half")
+    def disk_full(path, tensors, metadata):
+        Path(path).write_bytes(b"half")
         raise OSError(28, "No space left on device")
 
-    import safetensors.numpy
-
-    monkeypatch.setattr(safetensors.numpy, "save_file", disk_full)
+    monkeypatch.setattr(golden, "write_safetensors", disk_full)
     with pytest.raises(OSError, match="No space left"):
         store.save(key(continuation=9), answers(seed=2), {})
     assert store.data_path.read_bytes() == before
@@ -115,13 +115,11 @@ def test_a_failed_save_leaves_the_old_store_whole(tmp_path, monkeypatch):
 
 
 def test_a_store_interrupted_mid_write_is_absent_not_half_written(tmp_path, monkeypatch):
-    def interrupted(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"half")
+    def interrupted(path, tensors, metadata):
+        Path(path).write_bytes(b"half")
         raise KeyboardInterrupt  # Ctrl-C, or SIGTERM under the plugin (a KeyboardInterrupt)
 
-    import safetensors.numpy
-
-    monkeypatch.setattr(safetensors.numpy, "save_file", interrupted)
+    monkeypatch.setattr(golden, "write_safetensors", interrupted)
     store = ReferenceStore(tmp_path / "store")
     with pytest.raises(KeyboardInterrupt):
         store.save(key(), answers(), {})
@@ -204,3 +202,82 @@ def test_a_store_with_the_wrong_shape_is_refused(tmp_path):
     wanted = data["key"]
     with pytest.raises(StoreError, match="decoded_tokens has shape"):
         store.load(wanted, K)
+
+
+def mapped(array) -> bool:
+    while array is not None:
+        if isinstance(array, np.memmap):
+            return True
+        array = getattr(array, "base", None)
+    return False
+
+
+def test_a_stored_row_is_read_back_mapped_in_float32_bit_for_bit(tmp_path):
+    live = answers()
+    store = ReferenceStore(tmp_path / "store")
+    store.save(key(), live, {})
+    loaded, _ = store.load(key(), K)
+    for a, b in zip(live["first"] + live["decoded"][0].steps,
+                    loaded["first"] + loaded["decoded"][0].steps):
+        assert b.logits.dtype == np.float32
+        assert mapped(b.logits)  # a view into the mapped file, not a copy
+        assert a.logits.tobytes() == b.logits.tobytes()
+        assert a.full_logprobs.tobytes() == b.full_logprobs.tobytes()
+        assert np.array_equal(a.logprobs, b.logprobs)
+    # Still an ordinary safetensors file for the library itself.
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(store.data_path))
+    assert tensors["first_logits"].dtype == np.float32
+    assert np.array_equal(tensors["first_logits"][2], live["first"][2].logits)
+
+
+def test_writing_a_store_holds_one_row_at_a_time(tmp_path):
+    import tracemalloc
+
+    vocab, positions = 20_000, 60
+    rng = np.random.default_rng(3)
+    live = {"first": [next_token_from_logits(rng.normal(0, 4, vocab).astype(np.float32), K)
+                      for _ in range(positions)], "decoded": []}
+    store = ReferenceStore(tmp_path / "store")
+    row_bytes = vocab * 4
+    tracemalloc.start()
+    try:
+        store.save(key(first_token=[(f"p{i}", [1, i]) for i in range(positions)],
+                       depth=[]), live, {})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # A stacked copy would be 60 rows (4.8 MB); the writer holds a few rows' worth at most.
+    assert peak < 4 * row_bytes, peak
+    assert store.data_path.stat().st_size >= positions * row_bytes
+
+
+def test_a_store_written_whole_by_safetensors_still_loads(tmp_path):
+    # Stores written before the rows went one by one: the same file, read the same way.
+    from safetensors.numpy import save_file
+
+    live = answers()
+    store = ReferenceStore(tmp_path / "store")
+    store.save(key(), live, {})
+    save_file({"first_logits": np.stack([v.logits for v in live["first"]]),
+               "decoded_tokens": np.array([d.token_ids for d in live["decoded"]]),
+               "decoded_logits": np.stack([np.stack([s.logits for s in d.steps])
+                                           for d in live["decoded"]])},
+              str(store.data_path), metadata={"format": "1"})
+    loaded, _ = store.load(key(), K)
+    for a, b in zip(live["first"], loaded["first"]):
+        assert a.full_logprobs.tobytes() == b.full_logprobs.tobytes()
+
+
+def test_a_store_of_another_format_is_refused_naming_the_file(tmp_path):
+    store = ReferenceStore(tmp_path / "store")
+    store.save(key(), answers(), {})
+    data = json.loads(store.key_path.read_text())
+    data["key"]["format"] = 9
+    store.key_path.write_text(json.dumps(data))
+    with pytest.raises(StoreError) as info:
+        store.load(key(), K)
+    message = str(info.value)
+    assert str(store.data_path) in message and "format 9" in message
+    assert "rebuild it" in message and "--reference-store-update" in message

@@ -123,6 +123,36 @@ def test_conservative_applies_to_gates_relative_to_the_floor():
     assert careful.as_dict()["conservative"] is True
 
 
+def test_a_per_prompt_floor_gate_divides_by_at_least_the_pooled_floor():
+    """A prompt whose own floor is far below the run's (rounding's rare large events, such
+    as a MoE router flip, fell on other prompts in the floor) is divided by the floor
+    pooled over every prompt; a prompt worse than that by the gate's bound still fails."""
+    from dataclasses import replace
+
+    from llm_parity.compare.noise_floor import ratio
+
+    gate = Gate("kl_vs_floor", "kl", "mean", "max", 10.0, relative_to="noise_floor")
+    thresholds = Thresholds("t.toml", (), (gate,), MARGIN)
+    ids = [f"p{i}" for i in range(4)]
+    reference = _view([0.5, 0.2, 0.1, 0.1, 0.05, 0.05])
+    prompts = [Prompt(i, "x") for i in ids]
+    compared = compare_prompts(prompts, [[1, 2]] * 4, [reference] * 4, [reference] * 4,
+                               near_tie_margin=MARGIN, k=K)
+    candidate_kl = [0.0015, 0.0004, 0.0004, 0.05]
+    compared = [replace(r, positions=(replace(r.first, comparison=replace(
+        r.first.comparison, kl=kl)),)) for r, kl in zip(compared, candidate_kl)]
+    floor_kl = {"p0": 0.00005, "p1": 0.0004, "p2": 0.0004, "p3": 0.0004}  # pooled 3.1e-4
+    floor = NoiseFloor("bfloat16", "cpu", K, {"first_token": {
+        i: {"kl": [v]} for i, v in floor_kl.items()}})
+    result = judge({"first_token": compared}, thresholds, k=K, noise_floor=floor)
+    by_id = {r.prompt.id: r.gate_results[0] for r in result.prompts}
+    assert by_id["p0"].passed  # 30x its own floor, 4.8x the pooled one
+    assert by_id["p0"].floor_value == pytest.approx(0.0003125)
+    assert by_id["p0"].value == pytest.approx(ratio(0.0015, 0.0003125))
+    assert by_id["p1"].floor_value == pytest.approx(0.0004)  # its own, the larger
+    assert not by_id["p3"].passed  # 125x: one bad prompt still cannot hide
+
+
 def test_a_run_that_judges_no_gate_does_not_pass():
     gate = Gate("kl_vs_floor", "kl", "mean", "max", 3.0, relative_to="noise_floor")
     thresholds = Thresholds("t.toml", (gate,), (), MARGIN)

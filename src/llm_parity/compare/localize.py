@@ -7,10 +7,11 @@ more than layer 1 does. Comparing each point with its own floor takes that growt
 a correct port sits near 1x at every depth and a broken one jumps at the point where it
 breaks and stays high after it (the residual stream carries the error on).
 
-The points are named in engines/capture.py. The answer is read in two steps: the first of
-the embedding, each layer's output and the final norm above the limit, then, inside that
-layer, the first of its sub-modules (input norm, attention, post-attention norm, MLP)
-above the limit. A sub-module's inputs are the points before it, which were within their
+The points are named in engines/capture.py, a family's sub-modules in families/. The answer
+is read in two steps: the first of the embedding, each layer's output and the final norm
+above the limit, then, inside that layer, the first of its sub-modules (input norm,
+attention, post-attention norm, MLP; a query norm, a MoE router, MLA's latent norms where
+the family has them) above the limit. A sub-module's inputs are the points before it, which were within their
 floors, so the first one out is where the error enters.
 """
 
@@ -24,14 +25,13 @@ from typing import Any
 
 import numpy as np
 
+from llm_parity.families import SUBMODULES
+
 MODES = ("on-failure", "always", "off")
-SUBMODULE_ORDER = ("input_norm", "attn", "post_attn_norm", "mlp")
+SUBMODULE_ORDER = tuple(SUBMODULES)  # every family's points, in stream order
 MODULE_NAMES = {
     "embed": "embedding",
-    "input_norm": "input norm",
-    "attn": "attention",
-    "post_attn_norm": "post-attention norm",
-    "mlp": "MLP",
+    **SUBMODULES,
     "final_norm": "final norm",
     "head": "output head",
 }
@@ -74,7 +74,7 @@ def relative_error(candidate: np.ndarray, reference: np.ndarray) -> float:
 class PointDiff:
     name: str
     layer: int | None
-    module: str  # embed, input_norm, attn, post_attn_norm, mlp, output, final_norm
+    module: str  # embed, a sub-module point (families.SUBMODULES), output, final_norm
     error: float  # the candidate's relative error against the reference
     floor: float  # the same for the bf16 floor, as measured
     ratio: float  # error / max(floor, the dtype's rounding step)

@@ -5,7 +5,9 @@ Transformers in the candidate's dtype (bfloat16 by default) on the reference's d
 compared with the reference exactly as a candidate is (same top-k, same views). Its
 metrics are what rounding alone costs; a candidate's metric divided by the floor's says
 how many times worse than rounding it is: a correct port sits near 1, a broken one far
-above. Plain data only, like :mod:`llm_parity.compare.precision`.
+above. Plain data only, like :mod:`llm_parity.compare.precision`: the floor keeps these
+per-position values, never the floor engine's vocabulary rows (runner/floor.py compares
+each prompt as it is answered).
 """
 
 from __future__ import annotations

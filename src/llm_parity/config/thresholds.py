@@ -34,6 +34,8 @@ from llm_parity.compare.gates import (
     GridCase,
     Thresholds,
 )
+from llm_parity.compare.layer_gates import KINDS as LAYER_KINDS
+from llm_parity.compare.layer_gates import LayerGates
 from llm_parity.compare.localize import MODES as LOCALIZE_MODES
 from llm_parity.compare.localize import LocalizeSettings
 from llm_parity.compare.metrics import AGGREGATES
@@ -44,7 +46,7 @@ _GATE_KEYS = ("metric", "aggregate", "min", "max", "over", "mode", "enabled", "d
               "excuse_near_ties",
               "relative_to", "conservative")
 _TOP_KEYS = ("schema_version", "precision", "performance", "platforms", "models",
-             "configurations", "reference", "localize")
+             "configurations", "reference", "localize", "layer_gates")
 _PRECISION_KEYS = ("gates", "prompt_gates", "near_tie_margin", "strict")
 _PERFORMANCE_KEYS = ("grid", "warmup_rounds", "rounds", "max_cv", "gates")
 _GRID_KEYS = ("mode", "input_len", "output_len")
@@ -69,6 +71,8 @@ class ThresholdsFile:
         self.reference_options = _reference_options(data.get("reference", {}), source)
         # [localize]: when and how a failing port is localized to a layer.
         self.localize = _localize_settings(data.get("localize", {}), source)
+        # [layer_gates]: bounds on each captured layer point's ratio to its floor.
+        self.layer_gates = _layer_gates(data.get("layer_gates", {}), source)
         self._resolved: dict[tuple[str | None, str | None], Thresholds] = {}
         # Every merged combination is checked now, before any model loads: an override
         # can turn a valid base gate into an invalid one (a rate of a KL, a min on a ratio).
@@ -191,6 +195,25 @@ def _localize_settings(table: Any, source: str) -> LocalizeSettings:
     if not (isinstance(prompts, int) and not isinstance(prompts, bool) and prompts >= 1):
         raise _fail(source, "localize", f"prompts must be an integer >= 1, got {prompts!r}")
     return LocalizeSettings(mode=mode, ratio=float(ratio), prompts=prompts)
+
+
+def _layer_gates(table: Any, source: str) -> LayerGates:
+    _check_keys(table, ("max", "modules", "enabled"), source, "layer_gates")
+    enabled = table.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise _fail(source, "layer_gates", f"enabled must be true or false, got {enabled!r}")
+    every = table.get("max")
+    if every is not None and not (_is_number(every) and every > 1):
+        raise _fail(source, "layer_gates", "max must be a number above 1 (the largest multiple "
+                    f"of its bf16 floor any captured point may reach), got {every!r}")
+    modules = table.get("modules", {})
+    _check_keys(modules, LAYER_KINDS, source, "layer_gates.modules")
+    for kind, bound in modules.items():
+        if not (_is_number(bound) and bound > 1):
+            raise _fail(source, "layer_gates.modules", f"{kind} must be a number above 1 (the "
+                        f"largest multiple of its bf16 floor a {kind} point may reach), got "
+                        f"{bound!r}")
+    return LayerGates.build(every, dict(modules)) if enabled else LayerGates()
 
 
 def _reference_options(table: Any, source: str) -> dict[str, Any]:

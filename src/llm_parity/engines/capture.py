@@ -3,9 +3,18 @@
 The points, in the order a token's hidden state passes them:
 
     embed
-    layers.{i}.input_norm  layers.{i}.attn  layers.{i}.post_attn_norm  layers.{i}.mlp
+    layers.{i}.{point}              (each sub-module point of the family, in its order)
     layers.{i}                      (the residual stream after layer i)
     final_norm
+
+A Llama layer's points are input_norm, attn, post_attn_norm and mlp; other families add
+theirs (qk-norm, a MoE router, MLA's latent norms, Gemma's sandwich norms): the family
+adapter (families/) names them and the attribute paths that reach them.
+
+`embed` is the hidden state entering the first decoder layer, read by a hook on that
+layer's inputs rather than on the embedding module: engines differ in what the module
+returns (Transformers' Gemma scales the lookup by sqrt(hidden) inside it, vLLM's after it),
+and the stream the first layer reads is what a port must get right, wherever it computes it.
 
 Transformers exposes the residual stream directly: a decoder layer returns it. vLLM fuses
 the residual add into the next layer's norm: its layers return `(hidden, residual)`, where
@@ -16,8 +25,9 @@ output is the first element. Fused projections (q/k/v in one `qkv_proj`, gate/up
 are the same tensors in both (`self_attn` ends with the output projection, `mlp` with the
 down projection).
 
-Only the rows of the positions asked for are kept (positions x hidden per point), copied
-to the host in float32 as the hooks fire: the activation history is never held.
+Only the rows of the positions asked for are kept (positions x width per point; a point
+computed per head, such as a query norm, is kept with its heads side by side), copied to
+the host in float32 as the hooks fire: the activation history is never held.
 """
 
 from __future__ import annotations
@@ -28,24 +38,35 @@ from typing import Any
 import numpy as np
 
 from llm_parity.errors import EngineError
-
-# Sub-module point -> the attribute of a Llama-style decoder layer that produces it.
-SUBMODULES = {
-    "input_norm": "input_layernorm",
-    "attn": "self_attn",
-    "post_attn_norm": "post_attention_layernorm",
-    "mlp": "mlp",
-}
+from llm_parity.families import Family, family_for
 
 
-def decoder_parts(model: Any) -> tuple[Any, list[Any], Any]:
-    """(embedding, decoder layers, final norm) of a Llama-style causal LM, Transformers' or
-    vLLM's: the inner model is the one holding `layers` and `embed_tokens`."""
+def model_family(model: Any) -> Family:
+    """The family of a Transformers or vLLM model, by its config's model type (a
+    multimodal config's text model's type where it nests one)."""
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None) or config
+    return family_for(getattr(text, "model_type", None) or getattr(config, "model_type", None))
+
+
+def _reach(layer: Any, path: str) -> Any:
+    module = layer
+    for attribute in path.split("."):
+        module = getattr(module, attribute, None)
+        if module is None:
+            return None
+    return module
+
+
+def decoder_parts(model: Any) -> tuple[Any, Any, list[Any], Any]:
+    """(inner model, embedding, decoder layers, final norm) of a decoder-only causal LM,
+    Transformers' or vLLM's: the inner model is the one holding `layers` and
+    `embed_tokens`."""
     for module in model.modules():
         layers = getattr(module, "layers", None)
         embed = getattr(module, "embed_tokens", None)
         if layers is not None and embed is not None:
-            return embed, list(layers), getattr(module, "norm", None)
+            return module, embed, list(layers), getattr(module, "norm", None)
     raise EngineError(
         f"cannot find decoder layers in {type(model).__name__}: layer capture needs a "
         "Llama-style model (an inner module with embed_tokens, layers and norm)")
@@ -75,13 +96,18 @@ class Recorder:
         self.rows: dict[str, dict[int, np.ndarray]] = {}
         self.seen = 0  # token rows of earlier forward calls
         self.base = 0  # the first row of the current call
-        embed, layers, norm = decoder_parts(model)
+        self.tokens = 0  # token rows of the current call
+        self.family = model_family(model)
+        _, embed, layers, norm = decoder_parts(model)
+        self.hidden_size = int(embed.weight.shape[-1])
         self.num_layers = len(layers)
-        self.handles = [embed.register_forward_hook(self._on_embed)]
+        self.handles = [layers[0].register_forward_pre_hook(self._on_first_layer,
+                                                            with_kwargs=True)]
         layer_output = _residual_stream if fused_residual else _first
         for i, layer in enumerate(layers):
-            for point, attribute in SUBMODULES.items():
-                module = getattr(layer, attribute, None)
+            for point, paths in self.family.points.items():
+                module = next((m for m in map(lambda p: _reach(layer, p), paths)
+                               if m is not None), None)
                 if module is not None:
                     self._hook(module, f"layers.{i}.{point}", _first)
             self._hook(layer, f"layers.{i}", layer_output)
@@ -94,13 +120,33 @@ class Recorder:
 
         self.handles.append(module.register_forward_hook(hook))
 
-    def _on_embed(self, _module, _inputs, output) -> None:
-        rows = output.reshape(-1, output.shape[-1]).shape[0]
-        self.base, self.seen = self.seen, self.seen + rows
-        self._keep("embed", output)
+    def _on_first_layer(self, _module, args, kwargs) -> None:
+        """The stream entering layer 0: Transformers passes it first (or as
+        `hidden_states`), vLLM after the positions; the first floating tensor of the
+        model's width is it."""
+        stream = kwargs.get("hidden_states")
+        if stream is None:
+            stream = next((a for a in args if getattr(a, "is_floating_point", None)
+                           and a.is_floating_point() and a.shape[-1] == self.hidden_size),
+                          None)
+        if stream is None:
+            raise EngineError("layer capture: the first decoder layer was called without a "
+                              f"hidden state of width {self.hidden_size}")
+        self.tokens = stream.reshape(-1, stream.shape[-1]).shape[0]
+        self.base, self.seen = self.seen, self.seen + self.tokens
+        self._keep("embed", stream)
 
     def _keep(self, name: str, tensor: Any) -> None:
-        flat = tensor.reshape(-1, tensor.shape[-1])
+        # One row per token of this call: a per-head output (tokens x heads x head size)
+        # keeps its heads side by side; one that is not a whole number of rows per token
+        # (a module run on other tokens than the call's) is left out.
+        if self.tokens == 0 or tensor.numel() % self.tokens:
+            return
+        if tensor.dim() == 4 and tensor.shape[1] != self.tokens == tensor.shape[2]:
+            # (batch, heads, tokens, head size): Transformers' Gemma normalises queries
+            # and keys after moving the heads first; vLLM keeps the tokens first.
+            tensor = tensor.transpose(1, 2)
+        flat = tensor.reshape(self.tokens, -1)
         wanted = [p for p in self.positions if self.base <= p < self.base + flat.shape[0]]
         if not wanted:
             return

@@ -2,7 +2,7 @@
 
 It exposes the full vocabulary. Sequences run one at a time (no padding, so no padding
 can change a result), and logits are computed only at the positions asked for, so memory
-stays one vocabulary row per compared position.
+stays one float32 vocabulary row per compared position (compare/answers.py).
 """
 
 from __future__ import annotations
@@ -188,7 +188,8 @@ class HfEngine(Engine):
         return results
 
     def greedy(self, prompts: Sequence[Sequence[int]], steps: int, k: int) -> list[Decoded]:
-        """Greedy decoding with the KV cache; argmax of the float64 log-probs, EOS ignored."""
+        """Greedy decoding with the KV cache, EOS ignored; each token is the argmax of the
+        float32 logits, which is the float64 log-probs' (without computing them again)."""
         announce(f"{self.spec.role}: decoding {len(prompts)} prompts")
         torch = self._torch
         results = []
@@ -202,9 +203,10 @@ class HfEngine(Engine):
                 out = self.model(input_ids=torch.tensor([list(ids)], device=self.device),
                                  use_cache=True, **keep)
                 for _ in range(steps):
-                    view = next_token_from_logits(out.logits[0, -1].float().cpu().numpy(), k)
-                    views.append(view)
-                    token = int(np.argmax(view.full_logprobs))
+                    # A row of its own: a view would keep the whole step's logits alive.
+                    logits = out.logits[0, -1].float().cpu().numpy().copy()
+                    views.append(next_token_from_logits(logits, k))
+                    token = int(np.argmax(logits))
                     tokens.append(token)
                     if len(tokens) == steps:
                         break

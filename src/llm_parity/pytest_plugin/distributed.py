@@ -61,7 +61,7 @@ def setup_controller(config: pytest.Config) -> None:
 
 def _floor_needed(settings) -> bool:
     """Whether this run reads a noise floor, on any platform its gates may resolve to."""
-    from llm_parity.runner.precision import _floor_wanted
+    from llm_parity.runner.floor import _floor_wanted
 
     return any(_floor_wanted(settings, settings.thresholds(platform, settings.model))
                for platform in (None, "npu", "cuda", "cpu", "xpu"))

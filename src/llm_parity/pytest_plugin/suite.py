@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 
+from llm_parity.compare.layer_gates import layer_gate_line
 from llm_parity.pytest_plugin.state import parity_session
 from llm_parity.pytest_plugin.suite_performance import *  # noqa: F401,F403
 from llm_parity.report.messages import (
@@ -35,6 +36,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("depth_prompt_id", session.depth_prompt_ids())
     if "gate_name" in metafunc.fixturenames:
         metafunc.parametrize("gate_name", session.gate_names())
+    if "layer_gate_name" in metafunc.fixturenames:
+        # One capture, of one configuration (the one localized): no configuration prefix.
+        metafunc.parametrize("layer_gate_name",
+                             session.settings.thresholds_file.layer_gates.names())
 
 
 @pytest.fixture
@@ -132,5 +137,34 @@ def test_localization(parity_run, request):
     request.node.user_properties += localization_properties(data)
     if data["skipped"]:
         pytest.skip(data["skipped"])
+    if data["for_gates"]:
+        pytest.skip("the candidate passed (--localize always localizes a passing run too); "
+                    "captured for the layer gates")
     if data["failed"]:
         pytest.fail("\n".join(localization_lines(data)), pytrace=False)
+
+
+@pytest.mark.precision
+def test_layer_gate(parity_run, layer_gate_name, request):
+    """One layer gate: the largest ratio of a captured point to its bf16 floor, on
+    localization's capture of the worst prompts (compare/layer_gates.py)."""
+    localization = parity_run.localization
+    if localization is None:
+        pytest.skip("the layer capture did not run")
+    found = next((r for r in localization.layer_gates if r.gate.name == layer_gate_name), None)
+    if found is not None:
+        request.node.user_properties += [(k, v) for k, v in found.as_dict().items()
+                                         if v is not None]
+        if not found.passed:
+            pytest.fail(f"layer gate {layer_gate_name} (configuration {found.configuration}): "
+                        + layer_gate_line(found.as_dict()), pytrace=False)
+        return
+    not_judged = next((n for n in localization.layer_not_judged
+                       if n.gate.name == layer_gate_name), None)
+    if not_judged is None:
+        pytest.skip(f"layer gate {layer_gate_name} was not judged")
+    request.node.user_properties += [("judged", False), ("reason", not_judged.reason)]
+    message = f"layer gate {layer_gate_name} was not judged: {not_judged.reason}"
+    if not_judged.strict:
+        pytest.fail(message + " (strict = true in [precision])", pytrace=False)
+    pytest.skip(message)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from llm_parity.compare.gates import GridCase, higher_is_better
+from llm_parity.compare.layer_gates import layer_gate_line
 from llm_parity.compare.performance import speedup_pairs
 from llm_parity.report import plots
 from llm_parity.report.blocks import (
@@ -161,6 +162,9 @@ def _banner(data: dict[str, Any]) -> Banner:
     for g in failed_gates:
         details.append(f"Failed: **{g['name']}**, {_gate_label(g)}, measured "
                        f"{_value(g['value'])}.")
+    for g in data.get("layer_gates") or []:  # on localization's capture (compare/layer_gates.py)
+        if not g["passed"]:
+            details.append(f"Failed: layer gate **{g['name']}**, {layer_gate_line(g)}.")
     if failed_prompts:
         details.append("Failing prompts: " + ", ".join(p["id"] for p in failed_prompts) + ".")
     configurations = (data.get("configurations") or {}).get("entries", [])
@@ -188,6 +192,10 @@ def _gates(data: dict[str, Any]) -> list[Block]:
              _bound(g) + ("x" if g.get("relative_to") else ""), _value(g["value"]),
              _interval(g), Status("pass" if g["passed"] else "FAIL", g["passed"])]
             for g in data["gates"]]
+    rows += [[g["name"], f"layers ({g['over']}, configuration {g.get('configuration')})",
+              "ratio / floor", "max", _bound(g) + "x", _value(g["value"]), g.get("point", ""),
+              Status("pass" if g["passed"] else "FAIL", g["passed"])]
+             for g in data.get("layer_gates") or []]
     blocks.append(Table(["gate", "over", "metric", "aggregate", "threshold", "measured",
                          "95% interval over prompts", "result"], rows, numeric={4, 5}))
     if any(g.get("relative_to") for g in data["gates"]):
@@ -288,7 +296,7 @@ def _configurations(data: dict[str, Any]) -> list[Block]:
 
 def _localization(data: dict[str, Any]) -> list[Block]:
     loc = data.get("localization")
-    if not loc or (loc.get("skipped") and data.get("verdict") == "pass"
+    if not loc or ((loc.get("skipped") or loc.get("for_gates")) and data.get("verdict") == "pass"
                    and loc.get("mode") != "always"):
         return []
     blocks: list[Block] = [Heading(2, "Where it diverges")]

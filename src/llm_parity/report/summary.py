@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from llm_parity.compare.gates import GridCase
+from llm_parity.compare.layer_gates import layer_gate_line
 from llm_parity.compare.metrics import aggregate
 from llm_parity.compare.performance import REFERENCE, performance_gate_message, speedup_pairs
 from llm_parity.report.messages import localization_lines
@@ -39,6 +40,7 @@ def precision_summary(data: Mapping[str, Any]) -> list[str]:
         lines.append(f"gates of the base configuration, {configurations['base']}:")
     lines += _gates_table(data.get("gates") or [])
     lines += configuration_lines(data)
+    lines += layer_gate_lines(data)
     for gate in data.get("gates") or []:
         if gate.get("note"):
             lines.append(f"note: {gate['name']}: {gate['note']}")
@@ -67,7 +69,8 @@ def precision_summary(data: Mapping[str, Any]) -> list[str]:
     lines += _depth_lines(data)
     lines += _noise_floor_lines(data)
     localization = data.get("localization")
-    if localization and (not localization.get("skipped") or data["verdict"] != "pass"
+    quiet = localization and (localization.get("skipped") or localization.get("for_gates"))
+    if localization and (not quiet or data["verdict"] != "pass"
                          or localization.get("mode") == "always"):
         lines += localization_lines(localization)
     tail = (data.get("aggregate") or {}).get("p_tail_max")
@@ -80,6 +83,18 @@ def precision_summary(data: Mapping[str, Any]) -> list[str]:
         lines.append("time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s"
                                           for k, v in timings.items()))
     return lines
+
+
+def layer_gate_lines(data: Mapping[str, Any]) -> list[str]:
+    """The layer gates judged on localization's capture, one line each."""
+    gates = data.get("layer_gates") or []
+    if not gates:
+        return []
+    return ["", f"layer gates (configuration {gates[0].get('configuration')}; each captured "
+                "point's difference from the reference over the bf16 floor's, the largest "
+                "over the localized prompts):"] + [
+        f"  {'pass' if g['passed'] else 'FAIL'} {g['name']}: {layer_gate_line(g)}"
+        for g in gates]
 
 
 def configuration_lines(data: Mapping[str, Any]) -> list[str]:

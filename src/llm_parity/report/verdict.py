@@ -101,8 +101,10 @@ def verdict_dict(session: ParitySession) -> dict[str, Any]:
         entry["gates"] = [gate_dict(r) for r in result.gate_results]
         prompts.append(entry)
     configurations = configurations_dict(run)
+    layer_gates, layer_not_judged = layer_gate_entries(run)
     passed = precision.passed and all(c["verdict"] == "pass"
-                                      for c in (configurations or {}).get("entries", []))
+                                      for c in (configurations or {}).get("entries", [])) \
+        and not layer_gate_failures(layer_gates, layer_not_judged)
     out = {
         "schema_version": SCHEMA_VERSION,
         "verdict": "pass" if passed else ("error" if precision.nothing_judged else "fail"),
@@ -122,7 +124,8 @@ def verdict_dict(session: ParitySession) -> dict[str, Any]:
                      "thresholds": run.thresholds.source},
         "aggregate": precision.aggregate(),
         "gates": [gate_dict(r) for r in precision.gate_results],
-        "not_judged": [n.as_dict() for n in precision.not_judged],
+        "not_judged": [n.as_dict() for n in precision.not_judged] + layer_not_judged,
+        "layer_gates": layer_gates,
         "prompts": prompts,
         "sequences": [_depth_entry(r) for r in precision.sequences],
         "noise_floor": noise_floor_summary(precision),
@@ -138,6 +141,24 @@ def verdict_dict(session: ParitySession) -> dict[str, Any]:
     if run.localization is not None:
         out["localization"] = run.localization.as_dict()
     return out
+
+
+def layer_gate_entries(run: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The layer gates judged on localization's capture, and those it could not judge."""
+    loc = run.localization
+    if loc is None:
+        return [], []
+    return ([r.as_dict() for r in getattr(loc, "layer_gates", ())],
+            [n.as_dict() for n in getattr(loc, "layer_not_judged", ())])
+
+
+def layer_gate_failures(judged: Sequence[Mapping[str, Any]],
+                        not_judged: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The layer gates that fail the run: those above their bound, and under strict those
+    not judged."""
+    return [g["name"] for g in judged if not g["passed"]] + [
+        f"{n['name']} (not judged, strict)" for n in not_judged
+        if n.get("scope") == "layer" and n.get("strict")]
 
 
 def configurations_dict(run: Any) -> dict[str, Any] | None:
@@ -250,8 +271,12 @@ def full_verdict(session: ParitySession, perf_run: Any = None,
     if data["verdict"] == "fail":
         failing = [c for c in (data.get("configurations") or {}).get("entries", [])
                    if c["verdict"] != "pass"]
-        if not failing:
+        layer = layer_gate_failures(data.get("layer_gates") or [], data.get("not_judged") or [])
+        run = session.run
+        if not failing and not (layer and run is not None and run.precision.passed):
             reasons.append("precision gates failed")
+        if layer:
+            reasons.append(f"layer gates failed: {', '.join(layer)}")
         for c in failing:
             what = (f"could not run ({c['error']})" if c["verdict"] == "error" else
                     "failed gates " + (", ".join(c["failed_gates"]) or "per prompt"))

@@ -7,10 +7,16 @@ A store is a directory with two files:
   torch and transformers versions). A run whose key differs refuses the store and says
   which fields changed.
 - `reference.safetensors`: the reference's float32 logits at every compared position
-  (first token, and each step of the greedy continuation) and the continuation's tokens.
-  Log-probs are rebuilt from the float32 logits by the same function the live engine
-  uses, so a stored reference gives bit-identical metrics on any candidate top-k, tail
-  mass included. Size: 4 bytes x vocabulary per compared position.
+  (first token, and each step of the greedy continuation), the very rows the live engine
+  holds (compare/answers.py), and the continuation's tokens. Log-probs are rebuilt from the
+  float32 logits by the same function the live engine uses, so a stored reference gives
+  bit-identical metrics on any candidate top-k, tail mass included. Size: 4 bytes x
+  vocabulary per compared position.
+
+The data file is written row by row and read back memory-mapped in float32
+(runner/tensorfile.py): a store of 1,100 positions at a 262,144-token vocabulary is
+1.1 GB, and neither a stacked copy on save nor a float64 copy on load is made of it. It
+is the same file as before that (format 1): older stores load as they are.
 
 Safetensors holds plain arrays only: nothing in a store is executed or unpickled.
 """
@@ -31,12 +37,12 @@ import numpy as np
 from llm_parity.compare.answers import Decoded, NextToken, next_token_from_logits
 from llm_parity.config.checkpoint import TOKENIZER_FILES
 from llm_parity.errors import StoreError
+from llm_parity.runner.tensorfile import Rows, dtype_name, read_safetensors, write_safetensors
 
 FORMAT = 1
 KEY_FILE = "key.json"
 DATA_FILE = "reference.safetensors"
 REFRESH_HINT = "rerun with --reference-store-update to recompute it, or point --reference-store elsewhere"
-
 
 
 def tokenizer_hash(model_dir: Path) -> str:
@@ -165,6 +171,7 @@ class ReferenceStore:
         the stored key file otherwise."""
         meta = self.stored_key()
         stored = meta["key"]
+        _check_format(stored.get("format"), self.data_path)
         changes = key_changes(stored, key)
         if changes:
             raise StoreError(
@@ -186,6 +193,7 @@ class ReferenceStore:
                 got = tensors[name].shape if name in tensors else "nothing"
                 raise StoreError(f"{self.data_path}: {name} has shape {got}, expected leading "
                                  f"dimensions {leading}; {REFRESH_HINT}")
+        # Each view keeps its row as a view into the mapped file: the pages are the file's.
         answers: dict[str, Any] = {
             "first": [next_token_from_logits(row, k) for row in tensors["first_logits"]],
         }
@@ -199,35 +207,42 @@ class ReferenceStore:
     def save(self, key: Mapping[str, Any], answers: Mapping[str, Any],
              engine: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> None:
         """Write the store whole, or leave what was there. `extra` goes into the key file
-        beside the key (a shard's prompt ranges)."""
-        tensors = {"first_logits": _stack_logits(answers["first"])}
+        beside the key (a shard's prompt ranges). The rows go to the file one by one."""
+        first: list[NextToken] = list(answers["first"])
         decoded: list[Decoded] = answers.get("decoded") or []
+        vocab = _vocabulary(first + [s for d in decoded for s in d.steps])
+        tensors: dict[str, np.ndarray | Rows] = {
+            "first_logits": Rows("F32", (len(first), vocab), (v.logits for v in first)),
+        }
         if decoded:
+            steps = len(decoded[0].steps)
+            if any(len(d.steps) != steps or len(d.token_ids) != steps for d in decoded):
+                raise StoreError("the reference's continuations differ in length; a store "
+                                 "holds one continuation length")
             tensors["decoded_tokens"] = np.array([d.token_ids for d in decoded], dtype=np.int64)
-            tensors["decoded_logits"] = np.stack([_stack_logits(d.steps) for d in decoded])
+            tensors["decoded_logits"] = Rows(
+                "F32", (len(decoded), steps, vocab), (s.logits for d in decoded for s in d.steps))
         self.write(tensors, {"key": dict(key), "engine": dict(engine), **(extra or {})})
 
     def read_tensors(self) -> dict[str, np.ndarray]:
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
-
+        """Every tensor of the data file, memory-mapped read-only, in its stored dtype."""
         try:
-            return load_file(str(self.data_path))
-        except (OSError, SafetensorError) as exc:
+            tensors, metadata = read_safetensors(self.data_path)
+        except (OSError, ValueError) as exc:
             raise StoreError(f"{self.data_path}: unreadable ({exc}); {REFRESH_HINT}") from None
+        _check_format(metadata.get("format"), self.data_path)
+        return tensors
 
-    def write(self, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+    def write(self, tensors: Mapping[str, np.ndarray | Rows], meta: Mapping[str, Any]) -> None:
         """A temp directory, then a rename: a store is whole or absent, never half written,
         also when a signal (Ctrl-C, a cancelled CI job) lands mid-write: the staging
         directory goes, and a store being replaced comes back."""
-        from safetensors.numpy import save_file
-
         meta = {**meta, "bytes_per_position": int(tensors["first_logits"].shape[1] * 4)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
         retired, moved = self.path.with_name(f".{self.path.name}.old"), False
         try:
-            save_file(dict(tensors), str(staging / DATA_FILE), metadata={"format": str(FORMAT)})
+            write_safetensors(staging / DATA_FILE, tensors, metadata={"format": str(FORMAT)})
             (staging / KEY_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
             os.chmod(staging, 0o755)  # mkdtemp's owner-only modes would hide a shared store
             for written in staging.iterdir():
@@ -279,13 +294,24 @@ class ReferenceStore:
             raise
 
 
-def _stack_logits(views: Sequence[NextToken]) -> np.ndarray:
-    rows = []
+def _check_format(found: Any, path: Path) -> None:
+    if str(found) != str(FORMAT):
+        raise StoreError(
+            f"{path}: a reference store of format {found}; this llm-parity reads format "
+            f"{FORMAT}: rebuild it ({REFRESH_HINT}; or llm-parity reference build)")
+
+
+def _vocabulary(views: Sequence[NextToken]) -> int:
+    """The one row length of every view, each with its float32 logits."""
+    sizes = set()
     for view in views:
-        if view.logits is None:
+        if view.logits is None or view.logits.dtype != np.float32:
             raise StoreError("the reference engine kept no float32 logits; it cannot be stored")
-        rows.append(np.asarray(view.logits, dtype=np.float32))
-    return np.stack(rows)
+        sizes.add(view.logits.shape)
+    if len(sizes) != 1 or len(next(iter(sizes))) != 1:
+        raise StoreError(f"the reference's logits rows have shapes {sorted(sizes)}, "
+                         "expected one vocabulary")
+    return int(next(iter(sizes))[0])
 
 
 # ---------------------------------------------------------------- shards
@@ -313,6 +339,7 @@ def merge_stores(out: Path, parts: Sequence[Path]) -> dict[str, Any]:
             raise StoreError(f"{store.path}: not a reference store (no {KEY_FILE} and "
                              f"{DATA_FILE})")
         meta = store.stored_key()
+        _check_format(meta["key"].get("format"), store.path)
         if not isinstance(meta.get("shard"), dict):
             raise StoreError(f"{store.path}: a whole store, not a shard (build shards with "
                              "llm-parity reference build --shard I/N)")
@@ -352,8 +379,17 @@ def merge_stores(out: Path, parts: Sequence[Path]) -> dict[str, Any]:
                first_token_prompt_ids=[name for name, _ in first],
                depth_prompts=ids_hash(depth), depth_prompt_ids=[name for name, _ in depth])
     parts_tensors = [s.read_tensors() for s in stores]
-    tensors = {name: np.concatenate([t[name] for t in parts_tensors if name in t])
-               for name in parts_tensors[0]}
+    tensors = {}
+    for name in dict.fromkeys(n for t in parts_tensors for n in t):  # a shard may have no depth
+        found = [t[name] for t in parts_tensors if name in t]
+        head = found[0]
+        if any(t.shape[1:] != head.shape[1:] or t.dtype != head.dtype for t in found):
+            raise StoreError(f"shards hold {name} of shapes "
+                             f"{', '.join(str(t.shape) for t in found)}: they cannot be joined")
+        # Row by row from the mapped shards: the merged tensor is never whole in memory.
+        tensors[name] = Rows(dtype_name(head.dtype), (sum(len(t) for t in found),
+                                                       *head.shape[1:]),
+                             (row for t in found for row in t))
     merged = ReferenceStore(Path(out))
     merged.write(tensors, {"key": key, "engine": metas[0].get("engine", {}),
                            "merged_from": [str(s.path) for s in stores]})

@@ -6,6 +6,13 @@ Which configuration: the first that failed (with --localize always and nothing f
 base). Layer capture needs the modules to be called, so a vLLM configuration is localized
 in eager mode (its own arguments plus enforce_eager=True); when that engine is the one the
 precision run just used, it is reused rather than built again.
+
+The same capture feeds the layer gates ([layer_gates], compare/layer_gates.py): where the
+file has them, a passing run is captured too, once, and that capture is both the gates'
+evidence and localization's answer. A passing run captures only an engine the precision
+run already judged (the eager configuration, the Transformers candidate): a graph-only run
+that passes is not given a new engine start for the gates, which are then not judged,
+saying why.
 """
 
 from __future__ import annotations
@@ -14,6 +21,12 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from llm_parity.compare.layer_gates import (
+    LayerGateResult,
+    LayerGates,
+    LayerNotJudged,
+    judge_layer_gates,
+)
 from llm_parity.compare.localize import Localization, earliest, localize
 from llm_parity.config.options import Settings
 from llm_parity.engines.base import Engine, EngineSpec, build_engine, engine_class, same_engine
@@ -39,6 +52,23 @@ class LocalizationRun:
     # Where the failure lies when it is on a path the capture did not take (the decode path,
     # a compiled graph), said instead of naming the output head.
     unseen: str = ""
+    # Captured only for the layer gates: a passing run under --localize on-failure, whose
+    # localization was not asked for (test_localization skips, the summary shows the gates).
+    for_gates: bool = False
+    layer_gates: tuple[LayerGateResult, ...] = ()
+    layer_not_judged: tuple[LayerNotJudged, ...] = ()
+
+    def judge(self, gates: LayerGates, strict: bool = False) -> None:
+        """Judge the layer gates on this capture; without one, each is not judged, with
+        the reason the capture did not run."""
+        if self.results:
+            self.layer_gates, self.layer_not_judged = judge_layer_gates(
+                gates, self.results, configuration=self.configuration, strict=strict)
+            return
+        reason = (f"no layer capture: {self.skipped}" if self.skipped else
+                  f"the layer capture could not finish: {self.error}" if self.error else
+                  "no layer capture was made")
+        self.layer_not_judged = tuple(LayerNotJudged(g, reason, strict) for g in gates.gates)
 
     @property
     def headline(self) -> Localization | None:
@@ -58,19 +88,24 @@ class LocalizationRun:
             "module": head.module if head else None,
             "results": [r.as_dict() for r in self.results],
             "timings": dict(self.timings), "reused_engine": self.reused_engine,
-            "unseen": self.unseen,
+            "unseen": self.unseen, "for_gates": self.for_gates,
         }
 
 
 def wanted(settings: Settings, run: Run) -> str | None:
-    """None when localization should run for this run, else why not."""
+    """None when the capture should run for this run (localization, or the layer gates on
+    a passing run), else why not."""
     mode = settings.localize.mode
     if mode == "off":
         return "localization is off (--localize off)"
-    failed = [c for c in run.configurations if c.precision is not None and not c.passed]
-    if mode == "on-failure" and not failed:
+    gates = settings.thresholds_file.layer_gates.gates
+    if mode == "on-failure" and not _failed(run) and not gates:
         return "the candidate passed (--localize always localizes a passing run too)"
     return None
+
+
+def _failed(run: Run) -> list[ConfigurationRun]:
+    return [c for c in run.configurations if c.precision is not None and not c.passed]
 
 
 def _target(run: Run) -> ConfigurationRun:
@@ -111,7 +146,8 @@ def localize_run(settings: Settings, run: Run, kept: dict[str, Any] | None = Non
         return LocalizationRun(mode, skipped=skipped)
     target = _target(run)
     out = LocalizationRun(mode, configuration=target.name,
-                          failed=target.precision is not None and not target.precision.passed)
+                          failed=target.precision is not None and not target.precision.passed,
+                          for_gates=mode == "on-failure" and not _failed(run))
     backend = run.backend
     cls = engine_class(backend)
     options = cls.capture_options({**run.candidate_spec.options, **target.configuration.args})
@@ -129,6 +165,14 @@ def localize_run(settings: Settings, run: Run, kept: dict[str, Any] | None = Non
         out.skipped = (f"configuration {target.name} fails and {twin.name}, the same engine "
                        "run eagerly, passes: the error is in the compiled path, which layer "
                        "capture cannot see (hooks need eager mode)")
+        return out
+    judged = [{**run.candidate_spec.options, **c.configuration.args} for c in run.configurations
+              if c.precision is not None]
+    if out.for_gates and options not in judged:
+        out.skipped = (f"the run passed and no configuration it judged is the engine the "
+                       f"capture needs ({target.name} run eagerly): a passing run builds no "
+                       "engine for the layer gates; judge --configurations eager as well, or "
+                       "--localize always")
         return out
     spec = replace(run.candidate_spec, options=options,
                    role=f"candidate ({backend}, localizing {target.name})")

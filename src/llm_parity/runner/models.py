@@ -21,6 +21,7 @@ from llm_parity.config.checkpoint import (
     weight_files,
 )
 from llm_parity.errors import ModelError
+from llm_parity.families import family_for, text_config
 
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MODELSCOPE_OFFLINE", "LLM_PARITY_OFFLINE")
 
@@ -156,11 +157,13 @@ def safetensors_header(path: Path) -> dict[str, Any]:
 
 def checkpoint_card(path: Path) -> dict[str, Any]:
     """Architecture and size facts, read from config.json and safetensors headers only."""
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    outer = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    config = text_config(outer)  # a multimodal config nests the language model's
     files = weight_files(path)
     card: dict[str, Any] = {
-        "architecture": (config.get("architectures") or [config.get("model_type", "?")])[0],
+        "architecture": (outer.get("architectures") or [outer.get("model_type", "?")])[0],
         "model_type": config.get("model_type"),
+        "family": family_for(config.get("model_type")).name,
         "layers": config.get("num_hidden_layers"),
         "hidden_size": config.get("hidden_size"),
         "attention_heads": config.get("num_attention_heads"),

@@ -5,10 +5,11 @@ golden store), the candidate and the noise floor on the same token ids, compare.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from llm_parity.compare.answers import check_next_token
+from llm_parity.compare.answers import check_depth_lengths, check_next_token
 from llm_parity.compare.precision import (
     PrecisionResult,
     PromptResult,
@@ -27,6 +28,7 @@ from llm_parity.engines.base import (
     resolve_candidate_backend,
 )
 from llm_parity.errors import AnswerError, EngineError, ParityInputError
+from llm_parity.runner.floor import floor_skip_reason
 from llm_parity.runner.models import ResolvedModel, checkpoint_card, resolve_model
 
 
@@ -94,6 +96,7 @@ def run_precision(settings: Settings, environment: dict[str, Any],
     (runner/exchange.py), the candidate runs on this worker's share of the prompts and the
     other workers' shares are read back."""
     from llm_parity.runner.environment import collect_environment
+    from llm_parity.runner.floor import floor_of_run
     from llm_parity.runner.tokenization import load_tokenizer, tokenize_prompts
 
     timings: dict[str, float] = {}
@@ -223,7 +226,7 @@ def run_precision(settings: Settings, environment: dict[str, Any],
                                              settings.model or reference_model.name)
             compare = _Comparison(settings, tokenizer, token_ids, depth, reference,
                                   thresholds, k)
-            noise_floor = _noise_floor(settings, thresholds, store, key, reference_spec,
+            noise_floor = floor_of_run(settings, thresholds, store, key, reference_spec,
                                        token_ids, depth, k, timings, vocab_size,
                                        depth_sequences, compare, stored_only=exchange is not None)
         if spare is not None and holder is not None and "candidate" in holder:
@@ -232,6 +235,7 @@ def run_precision(settings: Settings, environment: dict[str, Any],
         started = time.perf_counter()
         precision = compare.judge(candidate, noise_floor)
         own_timings["compare_s"] = time.perf_counter() - started
+        del candidate  # judged: its rows go before the next configuration's come
         configurations.append(ConfigurationRun(configuration, candidate_info, precision, None,
                                                own_timings))
     configurations.sort(key=lambda c: settings.configurations.index(c.configuration))
@@ -274,39 +278,6 @@ def _candidate_role(backend: str, configuration: Configuration) -> str:
     return f"candidate ({backend}, configuration {configuration.name})"
 
 
-def _noise_floor(settings, thresholds, store, key, reference_spec, token_ids, depth, k,
-                 timings, vocab_size, depth_sequences, compare, stored_only=False):
-    """The bf16 floor's per-position values, from the store or measured (once per run).
-    With `stored_only` (pytest-xdist workers) it must come from the store: every worker
-    measuring it would race to write the same file."""
-    if not _floor_wanted(settings, thresholds):
-        return None
-    noise_floor = store.load_floor(key, settings.candidate_dtype, k) if store else None
-    if noise_floor is not None:
-        return noise_floor
-    if stored_only:
-        raise EngineError(
-            f"the golden store {store.path if store else '(none)'} holds no noise floor for "
-            f"{settings.candidate_dtype} at --logprobs {k} that matches this reference; under "
-            "pytest -n the workers read it and never measure it: build it once with "
-            "llm-parity reference build (without --noise-floor off)")
-    floor_spec = replace(reference_spec, dtype=settings.candidate_dtype,
-                         role=f"noise floor (hf {settings.candidate_dtype})")
-    floor_answers, floor_info = _run_engine(
-        "hf", floor_spec, token_ids, depth, k, settings, timings, "noise_floor",
-        vocab_size=vocab_size, sequences=depth_sequences,
-    )
-    from llm_parity.compare.noise_floor import NoiseFloor
-
-    noise_floor = NoiseFloor.from_views(
-        compare.views(floor_answers), k=k, dtype=settings.candidate_dtype,
-        device=floor_info["device"],
-    )
-    if store is not None:
-        store.save_floor(key, noise_floor)
-    return noise_floor
-
-
 def _depth_prompts(settings: Settings, tokenizer: Any, card: dict[str, Any]):
     """(prompts, token ids) that the depth views continue, or None when depth is off."""
     from llm_parity.runner.tokenization import tokenize_prompts
@@ -337,19 +308,26 @@ class _Comparison:
         self.depth, self.reference, self.thresholds, self.k = depth, reference, thresholds, k
         self.decode = lambda token: token_text(tokenizer, token)
 
-    def views(self, answers: dict[str, Any]) -> dict[str, list[PromptResult]]:
+    def views(self, answers: dict[str, Any], first: Sequence[int] | None = None,
+              depth: Sequence[int] | None = None) -> dict[str, list[PromptResult]]:
+        """Every view compared. `first` and `depth` are the indexes of the first-token and
+        depth prompts `answers` holds, all of them by default: the noise floor is compared
+        one prompt at a time, as its engine answers."""
         margin, k, decode = self.thresholds.near_tie_margin, self.k, self.decode
+        first = range(len(self.token_ids)) if first is None else first
         views = {"first_token": compare_prompts(
-            self.settings.prompts.prompts, self.token_ids, self.reference["first"],
+            [self.settings.prompts.prompts[i] for i in first],
+            [self.token_ids[i] for i in first], [self.reference["first"][i] for i in first],
             answers["first"], near_tie_margin=margin, k=k, decode=decode)}
         if self.depth:
-            prompts, ids = self.depth
-            decoded = self.reference["decoded"]
+            rows = range(len(self.depth[1])) if depth is None else depth
+            prompts, ids, decoded = ([values[i] for i in rows] for values in (
+                *self.depth, self.reference["decoded"]))
             views["sequence"] = compare_sequences(
-                prompts, ids, decoded, answers["sequence"], near_tie_margin=margin, k=k,
-                decode=decode)
+                prompts, ids, decoded, answers.get("sequence", []), near_tie_margin=margin,
+                k=k, decode=decode)
             views["decode"] = compare_decodes(
-                prompts, ids, decoded, answers["decode"], near_tie_margin=margin, k=k,
+                prompts, ids, decoded, answers.get("decode", []), near_tie_margin=margin, k=k,
                 decode=decode,
                 text=lambda tokens: self.tokenizer.decode(list(tokens), skip_special_tokens=False))
         return views
@@ -362,24 +340,6 @@ class _Comparison:
                 "the depth views did not run (--continuation 0)"),
             strict=self.settings.strict_gates,
         )
-
-
-def floor_skip_reason(settings: Settings) -> str | None:
-    """Why gates relative to the noise floor cannot be judged in this run, if they cannot."""
-    if settings.noise_floor == "off":
-        return "the noise floor is off (--noise-floor off)"
-    if settings.candidate_dtype == settings.reference_dtype:
-        return (f"the candidate runs in the reference's dtype ({settings.candidate_dtype}): "
-                "there is no rounding floor to measure")
-    return None
-
-
-def _floor_wanted(settings: Settings, thresholds: Thresholds) -> bool:
-    if floor_skip_reason(settings) is not None:
-        return False
-    if settings.noise_floor == "on":
-        return True
-    return any(g.relative_to for g in (*thresholds.gates, *thresholds.prompt_gates))
 
 
 def _reference_store(settings, reference_model, card, token_ids, depth, spec):
@@ -467,7 +427,7 @@ def _run_engine(
         vocab_size = len(first[0].full_logprobs)
     checks = [(p.id, "", a) for p, a in zip(settings.prompts.prompts, first)]
     if depth:
-        _check_depth_lengths(spec.role, depth, answers, sequences, settings.continuation)
+        check_depth_lengths(spec.role, depth, answers, sequences, settings.continuation)
         for kind in ("decoded", "sequence", "decode"):
             for prompt, views in zip(depth[0], answers.get(kind, [])):
                 steps = views.steps if hasattr(views, "steps") else views
@@ -477,30 +437,3 @@ def _run_engine(
             answer, k=k, vocab_size=vocab_size or k, where=f"{spec.role}, prompt {prompt_id}{where}"
         )
     return answers, info
-
-
-def _check_depth_lengths(role: str, depth, answers: dict[str, Any],
-                         sequences: list[list[int]] | None, continuation: int) -> None:
-    """Every prompt answered, and at every step asked: a short answer would be judged on
-    fewer positions without a word."""
-    prompts, prompt_ids = depth
-    for kind in ("decoded", "decode", "sequence"):
-        if kind not in answers:
-            continue
-        if len(answers[kind]) != len(prompts):
-            raise EngineError(f"{role}: {kind} answered {len(answers[kind])} prompts of "
-                              f"{len(prompts)}")
-        for i, (prompt, answer) in enumerate(zip(prompts, answers[kind])):
-            if kind == "sequence":
-                asked = len(sequences[i]) - len(prompt_ids[i]) if sequences else 0
-                got = len(answer)
-            else:
-                asked, got = continuation, len(answer.steps)
-                if len(answer.token_ids) != got:
-                    raise EngineError(f"{role}, prompt {prompt.id}: decoding returned "
-                                      f"{len(answer.token_ids)} tokens for {got} steps")
-            if got != asked:
-                what = "scored" if kind == "sequence" else "decoded"
-                raise EngineError(f"{role}, prompt {prompt.id}: {what} {got} positions of the "
-                                  f"{asked} asked (--continuation {continuation})")
-

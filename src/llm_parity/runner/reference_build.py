@@ -13,12 +13,12 @@ from llm_parity.config.options import Settings
 from llm_parity.config.prompts import PromptSet
 from llm_parity.engines.base import EngineSpec, engine_class
 from llm_parity.errors import SettingsError
+from llm_parity.runner.floor import floor_of_run
 from llm_parity.runner.golden import shard_range
 from llm_parity.runner.models import checkpoint_card, resolve_model
 from llm_parity.runner.precision import (
     _Comparison,
     _depth_prompts,
-    _noise_floor,
     _reference_store,
     _run_engine,
     platform_of,
@@ -85,7 +85,7 @@ def build_reference(settings: Settings, shard: tuple[int, int] | None = None) ->
         sequences = ([ids + d.token_ids for ids, d in zip(depth[1], answers["decoded"])]
                      if depth else [])
         vocab_size = len(answers["first"][0].full_logprobs)
-        floor = _noise_floor(replace(settings, noise_floor="on"), thresholds, store, key, spec,
+        floor = floor_of_run(replace(settings, noise_floor="on"), thresholds, store, key, spec,
                              token_ids, depth, k, timings, vocab_size, sequences, compare)
     return {
         "store": str(store.path), "model": model.name,

@@ -67,20 +67,25 @@ class ParitySession:
         return self.run
 
     def _localize(self, run: Run) -> Any:
-        """Localization after the precision run (runner/localize.py); its own failure is
-        recorded, never the run's."""
+        """Localization after the precision run (runner/localize.py), and the layer gates
+        judged on its capture; its own failure is recorded, never the run's (the layer
+        gates are then not judged, saying why)."""
         from llm_parity.runner.localize import LocalizationRun, localize_run
 
         mode = self.settings.localize.mode
         if self.exchange is not None and mode != "off":
-            return LocalizationRun(mode, skipped=(
+            out = LocalizationRun(mode, skipped=(
                 "not under pytest-xdist: localize with one process, from the same "
                 "--reference-store"))
-        try:
-            return localize_run(self.settings, run, self.engines if self.keep_engines else None,
-                                self.spare)
-        except Exception as exc:  # a diagnosis that breaks must not break the verdict
-            return LocalizationRun(mode, error=f"{type(exc).__name__}: {exc}")
+        else:
+            try:
+                out = localize_run(self.settings, run,
+                                   self.engines if self.keep_engines else None, self.spare)
+            except Exception as exc:  # a diagnosis that breaks must not break the verdict
+                out = LocalizationRun(mode, error=f"{type(exc).__name__}: {exc}")
+        out.judge(self.settings.thresholds_file.layer_gates,
+                  strict=run.thresholds.strict or self.settings.strict_gates)
+        return out
 
     def take_spare(self, spec: EngineSpec) -> tuple[Any, str] | None:
         """The precision run's left-over engine and its configuration, if `spec` would build

@@ -1,7 +1,9 @@
 """The embedded toy model, and a writer for Pleias-RAG-350M-shaped random checkpoints.
 
 The toy model (``data/toy_model/``) is a small Llama trained by ``scripts/train_toy_model.py``;
-it is what the suite runs on when no ``--model`` is named. ``write_pleias_shape`` produces
+it is what the suite runs on when no ``--model`` is named. Its stand-ins for other
+architecture families (``data/families/<family>/``: Qwen3, Qwen3-MoE, DeepSeek-V2) are
+trained by the same script on the same corpus and share its tokenizer files. ``write_pleias_shape`` produces
 a full-size checkpoint with the founding model's exact config and tensor layout, random
 weights, for runs at real scale without network access.
 
@@ -22,6 +24,7 @@ __all__ = [
     "PLEIAS_CONFIG",
     "PLEIAS_NUM_PARAMETERS",
     "PLEIAS_NUM_TENSORS",
+    "TOY_FAMILIES",
     "TOY_MODEL_FILES",
     "pleias_tensor_shapes",
     "toy_model_dir",
@@ -39,6 +42,9 @@ TOY_MODEL_FILES = (
     "tokenizer_config.json",
     "training.json",
 )
+# A family stand-in's own files; the tokenizer's are the toy model's.
+FAMILY_FILES = ("config.json", "generation_config.json", "model.safetensors", "training.json")
+TOY_FAMILIES = ("llama", "qwen3", "qwen3_moe", "deepseek_v2")
 
 # config.json of PleIAs/Pleias-RAG-350M. From the founding report: architecture, hidden,
 # layers, heads, KV heads, vocab, rope_theta, tied embeddings, bf16; intermediate_size 2560
@@ -77,9 +83,15 @@ PLEIAS_NUM_PARAMETERS = 353_424_384
 
 
 
-def toy_model_dir() -> Path:
-    """The packaged toy model directory (a normal HF checkpoint directory)."""
-    return DATA_DIR / "toy_model"
+def toy_model_dir(family: str = "llama") -> Path:
+    """The packaged toy model directory (a normal HF checkpoint directory), or a family
+    stand-in's (its weights and config; the tokenizer is the toy model's)."""
+    if family == "llama":
+        return DATA_DIR / "toy_model"
+    if family not in TOY_FAMILIES:
+        raise ValueError(f"no toy model of family {family!r}; expected one of: "
+                         f"{', '.join(TOY_FAMILIES)}")
+    return DATA_DIR / "families" / family
 
 
 def _prepare_dest(dest: Path) -> Path:
@@ -93,15 +105,19 @@ def _prepare_dest(dest: Path) -> Path:
     return dest
 
 
-def write_toy_model(dest: Path) -> Path:
-    """Copy the packaged toy model into ``dest`` (created if missing; must be empty)."""
-    src = toy_model_dir()
-    missing = [name for name in TOY_MODEL_FILES if not (src / name).is_file()]
+def write_toy_model(dest: Path, family: str = "llama") -> Path:
+    """Copy the packaged toy model (or a family's stand-in, with the toy's tokenizer) into
+    ``dest`` (created if missing; must be empty)."""
+    src, base = toy_model_dir(family), toy_model_dir()
+    files = {name: base / name for name in TOY_MODEL_FILES}
+    if family != "llama":
+        files.update({name: src / name for name in FAMILY_FILES})
+    missing = [str(path) for path in files.values() if not path.is_file()]
     if missing:
-        raise FileNotFoundError(f"toy model in {src} is incomplete, missing: {missing}")
+        raise FileNotFoundError(f"toy model {family} is incomplete, missing: {missing}")
     dest = _prepare_dest(dest)
-    for name in TOY_MODEL_FILES:
-        shutil.copyfile(src / name, dest / name)
+    for name, path in files.items():
+        shutil.copyfile(path, dest / name)
     return dest
 
 

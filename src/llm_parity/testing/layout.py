@@ -8,8 +8,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 # Each layer may import itself and the layers before it, never one after it.
-LAYERS = ("errors", "compare", "engines", "config", "runner", "report", "pytest_plugin",
-          "testing", "cli")
+LAYERS = ("errors", "families", "compare", "engines", "config", "runner", "report",
+          "pytest_plugin", "testing", "cli")
 
 
 def module_name(root: Path, path: Path, package: str) -> str:

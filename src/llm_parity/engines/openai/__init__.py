@@ -62,7 +62,11 @@ def _checkpoint_vocab_size(path: str | None) -> int | None:
         config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
     except (TypeError, OSError, ValueError):
         return None
-    size = config.get("vocab_size") if isinstance(config, dict) else None
+    if not isinstance(config, dict):
+        return None
+    from llm_parity.families import text_config
+
+    size = text_config(config).get("vocab_size")  # nested in a multimodal config
     return size if isinstance(size, int) and size > 0 else None
 
 
