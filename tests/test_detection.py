@@ -118,6 +118,8 @@ def failed_tests(run: SuiteRun) -> set[str]:
     test_gate[kl_mean]); test_localization is checked on its own."""
     cases = junit_cases(run.path / "junit.xml")
     cases.pop("test_localization", None)
+    for name in [n for n in cases if n.startswith("test_layer_gate[")]:
+        cases.pop(name)  # one capture per run, no configuration in the id: checked apart
     assert all("[eager-" in name for name in cases), sorted(cases)[:3]
     return {name.replace("[eager-", "[", 1) for name, (outcome, _) in cases.items()
             if outcome in ("failure", "error")}
@@ -160,6 +162,11 @@ def test_a_broken_port_fails_with_the_gate_that_caught_it(runs, name, read_json)
     failing_prompts = {f"{views[key]}[{entry['id']}]" for key in views
                        for entry in verdict[key] if not entry["passed"]}
     assert failing_prompts == {n for n in failed if not n.startswith("test_gate[")}
+    # Each failed layer gate is a failed test_layer_gate, and the other way round.
+    layer_failed = {n for n, (outcome, _) in junit_cases(run.path / "junit.xml").items()
+                    if n.startswith("test_layer_gate[") and outcome == "failure"}
+    assert layer_failed == {f"test_layer_gate[{g['name']}]"
+                            for g in verdict.get("layer_gates", []) if not g["passed"]}
     # The reference came from the store: no float32 model was loaded for the comparison
     # (localization loads it, to capture its layers).
     assert "reference_store_load_s" in verdict["timings"]
@@ -174,7 +181,10 @@ def test_a_benign_change_passes(runs, name):
     verdict = run.verdict
     assert run.ret == 0, run.out[-3000:]
     assert verdict["verdict"] == "pass" and not detection(verdict)["failed_gates"]
-    assert verdict["localization"]["skipped"].startswith("the candidate passed")
+    # Captured for the layer gates, which pass: localization names nothing.
+    loc = verdict["localization"]
+    assert loc["for_gates"] and loc["ran"] and not loc["diverged"], loc
+    assert all(g["passed"] for g in verdict["layer_gates"])
 
 
 @needs_vllm

@@ -58,6 +58,13 @@ def test_two_workers_give_the_single_process_verdict(pytester, store, read_json,
     assert one.ret == two.ret == (pytest.ExitCode.TESTS_FAILED if broken else 0)
     assert "prompts split across 2 workers (pytest-xdist), judged together" in two.stdout.str()
     single, split = read_json(pytester.path / "one.json"), read_json(pytester.path / "two.json")
+    # The layer gates read a capture, which workers do not make: not judged there, saying
+    # why; everything else is the single process's.
+    (layer_gate,) = single["layer_gates"]
+    layer_not_judged = [n for n in split["not_judged"] if n.get("scope") == "layer"]
+    assert [n["name"] for n in layer_not_judged] == [layer_gate["name"]]
+    assert "xdist" in layer_not_judged[0]["reason"]
+    split["not_judged"] = [n for n in split["not_judged"] if n.get("scope") != "layer"]
     for key in SAME:
         assert single[key] == split[key], key
     assert split["candidate"]["workers"] == 2
@@ -70,7 +77,12 @@ def test_two_workers_give_the_single_process_verdict(pytester, store, read_json,
     assert split["localization"]["skipped"].startswith("not under pytest-xdist")
     assert cases_two.pop("test_localization")[0] == "skipped"
     assert cases_one.pop("test_localization")[0] == ("failure" if broken else "skipped")
+    gate_test = f"test_layer_gate[{layer_gate['name']}]"
+    assert cases_two.pop(gate_test)[0] == "skipped"
+    assert cases_one.pop(gate_test)[0] == ("passed" if layer_gate["passed"] else "failure")
     tests_one, tests_two = dict(single["session"]["tests"]), dict(split["session"]["tests"])
+    tests_one["passed" if layer_gate["passed"] else "failed"] -= 1
+    tests_one["skipped"] += 1
     if broken:
         tests_one["failed"] -= 1
         tests_one["skipped"] += 1
