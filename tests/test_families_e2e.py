@@ -67,7 +67,7 @@ class SuiteRun:
 
 def _suite(path: Path, model: Path, store: Path, core: int, backend: str,
            candidate: Path | None = None, fault: str = "", extra=()) -> SuiteRun:
-    path.mkdir()
+    path.mkdir(parents=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": str(core),
            "LLM_PARITY_VLLM_FAULT": fault}
     command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "precision",
