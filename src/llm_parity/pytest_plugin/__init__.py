@@ -210,6 +210,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         write_outputs(data, state.settings.parity_json, state.settings.parity_reports)
     finally:
         state.close_engines()
+    if session.exitstatus == pytest.ExitCode.INTERNAL_ERROR:
+        # pytest prints no terminal summary after an internal error (pytest-xdist raises one
+        # when a worker dies while tests are being sent to it): the verdict is still shown.
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            _summary(reporter, config)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -219,6 +225,10 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    _summary(terminalreporter, config)
+
+
+def _summary(terminalreporter, config: pytest.Config) -> None:
     state = config.stash.get(SESSION_KEY, None)
     data = getattr(state, "verdict", None)
     if data is None:
