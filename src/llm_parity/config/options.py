@@ -79,6 +79,9 @@ OPTIONS = (
            "repeatable; placement across devices and memory tiers: device_map=auto, "
            "max_memory={\"cpu\": \"8GiB\"}, offload_folder=DIR (JSON for tables; "
            "default: [reference] options of the thresholds file, else none)", None, "list"),
+    Option("--batch", "prompts the Transformers engines (the float32 reference, the noise "
+           "floor, an hf candidate) compute at once, left-padded; 1 computes each alone "
+           "(default: 8)", 8, "int"),
     Option("--devices-per-worker", "under pytest-xdist (-n N), give worker i the devices "
            "i*K to i*K+K-1 through CUDA_VISIBLE_DEVICES and ASCEND_RT_VISIBLE_DEVICES; 0 "
            "leaves them as they are (default: 0)", 0, "int"),
@@ -115,6 +118,7 @@ class Settings:
     candidate_options: dict[str, Any] = field(default_factory=dict)
     reference_options: dict[str, Any] = field(default_factory=dict)
     devices_per_worker: int = 0
+    batch: int = 8  # prompts an hf engine computes at once (engines/hf.py)
     tensor_parallel_size: int = 1
     trust_remote_code: bool = False
     thresholds_explicit: bool = False
@@ -209,6 +213,7 @@ def build_settings(raw: dict[str, Any], rootdir: Path) -> Settings:
     logprobs = positive_int(raw["logprobs"], "--logprobs")
     tp = positive_int(raw["tensor-parallel-size"], "--tensor-parallel-size")
     continuation = positive_int(raw["continuation"], "--continuation", minimum=0)
+    batch = positive_int(raw.get("batch", 8), "--batch", minimum=1)
     for flag in ("model", "candidate-model"):
         name = raw[flag]
         if name and is_local_reference(name):
@@ -283,6 +288,7 @@ def build_settings(raw: dict[str, Any], rootdir: Path) -> Settings:
         trust_remote_code=bool(raw["trust-remote-code"]),
         thresholds_explicit=thresholds_explicit,
         continuation=continuation,
+        batch=batch,
         long_prompts=long_prompts,
         candidate_url=candidate_url,
         candidate_api_key_env=raw["candidate-api-key-env"],

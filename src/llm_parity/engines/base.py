@@ -31,6 +31,7 @@ class EngineSpec:
     trust_remote_code: bool = False
     tensor_parallel_size: int = 1
     logprobs: int = 20  # the most top-k log-probs this run will ask for
+    batch: int = 1  # prompts computed at once, where the backend batches (hf)
     options: dict[str, Any] = field(default_factory=dict)  # backend-specific extras
     role: str = "candidate"  # "reference" or "candidate", for messages
     name: str | None = None  # the checkpoint as the user named it (hub id, path)

@@ -1,8 +1,15 @@
 """HuggingFace Transformers engine: the float32 reference, or a candidate in any dtype.
 
-It exposes the full vocabulary. Sequences run one at a time (no padding, so no padding
-can change a result), and logits are computed only at the positions asked for, so memory
-stays one float32 vocabulary row per compared position (compare/answers.py).
+It exposes the full vocabulary, and computes logits only at the positions asked for, so
+memory stays one float32 vocabulary row per compared position (compare/answers.py).
+
+Prompts run in batches of `spec.batch` (left-padded, with the attention mask and each
+row's own positions): every decoding step streams the weights once for the whole batch
+instead of once per prompt. The batches are cut from the list in order, in groups of
+`batch` from its start, so a list cut at multiples of `batch` (shards, xdist workers:
+golden.shard_range) is computed in the very batches the whole list is, bit for bit. How
+far a batch moves a float32 logit from the one-prompt path is measured in
+docs/notes/batching.md and bounded by tests/test_batching.py.
 """
 
 from __future__ import annotations
@@ -21,6 +28,9 @@ from llm_parity.engines._torch import resolve_device, torch_dtype, transformers_
 from llm_parity.engines.base import Engine, EngineSpec, Timing
 from llm_parity.engines.progress import announce, settle
 from llm_parity.errors import EngineError
+
+# The most bytes of float32 logits one batched call may hold (a batch is cut smaller past it).
+LOGIT_BUDGET = 512 * 2**20
 
 # Placement targets that are not devices (accelerate's memory tiers).
 TIERS = ("cpu", "disk")
@@ -137,6 +147,7 @@ class HfEngine(Engine):
             self.placement = {}
             self.model = model.to(self.device).eval()
         self._torch = torch
+        self.batch = max(1, int(spec.batch))
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     @classmethod
@@ -172,19 +183,71 @@ class HfEngine(Engine):
                 logits = self.model(input_ids=ids).logits[0, where]
             return logits.float().cpu().numpy()
 
+    def _groups(self, count: int, rows: int = 1) -> list[range]:
+        """Consecutive groups of the batch size; smaller (a divisor of it, so the groups
+        still fall on the same grid) when `rows` logit rows a prompt would not fit in
+        LOGIT_BUDGET bytes."""
+        size = self.batch
+        while size > 1 and size * rows * self.vocab_size * 4 > LOGIT_BUDGET:
+            size = next(d for d in range(size - 1, 0, -1) if self.batch % d == 0)
+        return [range(start, min(start + size, count)) for start in range(0, count, size)]
+
+    def _padded(self, rows: Sequence[Sequence[int]]):
+        """Left-padded token ids, the attention mask and each row's positions (as its own
+        sequence alone would number them)."""
+        torch = self._torch
+        width = max(len(r) for r in rows)
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, width - len(r):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return ids.to(self.device), mask.to(self.device), positions.to(self.device)
+
+    def _forward(self, rows: Sequence[Sequence[int]], keep: int, **kwargs):
+        """One batched forward pass; the logits of the last `keep` columns."""
+        if len({len(r) for r in rows}) == 1:  # no padding: one prompt's path, unchanged
+            ids = self._torch.tensor([list(r) for r in rows], device=self.device)
+            out = self.model(input_ids=ids, **self._keep(keep), **kwargs)
+            return out, None, None
+        ids, mask, positions = self._padded(rows)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         **self._keep(keep), **kwargs)
+        return out, mask, positions
+
+    def _keep(self, keep: int) -> dict[str, Any]:
+        return {"logits_to_keep": keep} if self._keeps_logits else {}
+
     def next_token(self, prompts: Sequence[Sequence[int]], k: int) -> list[NextToken]:
         announce(f"{self.spec.role}: scoring {len(prompts)} prompts")
-        return [next_token_from_logits(self.position_logits(ids, [len(ids) - 1])[0], k)
-                for ids in prompts]
+        results: list[NextToken] = []
+        with self._torch.inference_mode():
+            for group in self._groups(len(prompts)):
+                out = self._forward([prompts[i] for i in group], 1)[0]
+                logits = out.logits[:, -1].float().cpu().numpy()
+                del out
+                results += [next_token_from_logits(row.copy(), k) for row in logits]
+        return results
 
     def score(
         self, sequences: Sequence[Sequence[int]], starts: Sequence[int], k: int
     ) -> list[list[NextToken]]:
+        """The views after each position from `start` to the one before the last (teacher
+        forced). Rows are right-aligned, so every sequence's positions are among the last
+        columns."""
         announce(f"{self.spec.role}: scoring {len(sequences)} sequences")
-        results = []
-        for ids, start in zip(sequences, starts, strict=True):
-            rows = self.position_logits(ids, range(start, len(ids) - 1))
-            results.append([next_token_from_logits(row, k) for row in rows])
+        wanted = [len(ids) - 1 - start for ids, start in zip(sequences, starts, strict=True)]
+        results: list[list[NextToken]] = []
+        with self._torch.inference_mode():
+            for group in self._groups(len(sequences), max(wanted, default=1)):
+                keep = max(wanted[i] for i in group) + 1
+                out = self._forward([sequences[i] for i in group], keep)[0]
+                logits = out.logits[:, -keep:].float().cpu().numpy()
+                del out
+                for row, i in enumerate(group):
+                    span = logits[row, keep - 1 - wanted[i]:keep - 1]
+                    results.append([next_token_from_logits(r.copy(), k) for r in span])
         return results
 
     def greedy(self, prompts: Sequence[Sequence[int]], steps: int, k: int) -> list[Decoded]:
@@ -192,30 +255,36 @@ class HfEngine(Engine):
         float32 logits, which is the float64 log-probs' (without computing them again)."""
         announce(f"{self.spec.role}: decoding {len(prompts)} prompts")
         torch = self._torch
-        results = []
-        for ids in prompts:
-            tokens: list[int] = []
-            views: list[NextToken] = []
+        results: list[Decoded] = []
+        for group in self._groups(len(prompts)):
+            rows = [prompts[i] for i in group]
+            tokens: list[list[int]] = [[] for _ in rows]
+            views: list[list[NextToken]] = [[] for _ in rows]
             with torch.inference_mode():
                 # Only the last position's logits: a long prompt's full logits would be
                 # sequence x vocabulary.
-                keep = {"logits_to_keep": 1} if self._keeps_logits else {}
-                out = self.model(input_ids=torch.tensor([list(ids)], device=self.device),
-                                 use_cache=True, **keep)
+                out, mask, positions = self._forward(rows, 1, use_cache=True)
                 for _ in range(steps):
-                    # A row of its own: a view would keep the whole step's logits alive.
-                    logits = out.logits[0, -1].float().cpu().numpy().copy()
-                    views.append(next_token_from_logits(logits, k))
-                    token = int(np.argmax(logits))
-                    tokens.append(token)
-                    if len(tokens) == steps:
+                    # Rows of their own: a view would keep the whole step's logits alive.
+                    logits = out.logits[:, -1].float().cpu().numpy()
+                    chosen = []
+                    for i, row in enumerate(logits):
+                        views[i].append(next_token_from_logits(row.copy(), k))
+                        chosen.append(int(np.argmax(row)))
+                        tokens[i].append(chosen[-1])
+                    if len(tokens[0]) == steps:
                         break
-                    out = self.model(
-                        input_ids=torch.tensor([[token]], device=self.device),
-                        past_key_values=out.past_key_values,
-                        use_cache=True,
-                    )
-            results.append(Decoded(tokens, views))
+                    step = torch.tensor([[t] for t in chosen], device=self.device)
+                    if mask is None:
+                        out = self.model(input_ids=step, past_key_values=out.past_key_values,
+                                         use_cache=True)
+                        continue
+                    mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=-1)
+                    positions = positions[:, -1:] + 1
+                    out = self.model(input_ids=step, attention_mask=mask,
+                                     position_ids=positions,
+                                     past_key_values=out.past_key_values, use_cache=True)
+            results += [Decoded(t, v) for t, v in zip(tokens, views)]
         return results
 
     @classmethod

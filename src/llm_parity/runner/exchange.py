@@ -56,14 +56,17 @@ class Exchange:
 
         from llm_parity.config.prompts import PromptSet
 
-        first = shard_range(len(token_ids), self.index, self.count)
+        # An hf candidate's shares fall on its batch grid: its answers are those of one
+        # process, bit for bit. Other backends batch on their own: shares even.
+        grain = settings.batch if settings.candidate == "hf" else 1
+        first = shard_range(len(token_ids), self.index, self.count, grain)
         prompts = settings.prompts
         mine = replace(settings, prompts=PromptSet(prompts.name, prompts.source,
                                                    tuple(prompts.prompts[i] for i in first)))
         ids = [token_ids[i] for i in first]
         part_depth, part_sequences = None, []
         if depth:
-            rows = shard_range(len(depth[1]), self.index, self.count)
+            rows = shard_range(len(depth[1]), self.index, self.count, grain)
             part_depth = ([depth[0][i] for i in rows], [depth[1][i] for i in rows])
             part_sequences = [sequences[i] for i in rows]
         try:

@@ -51,8 +51,8 @@ def floor_of_run(settings, thresholds, store, key, reference_spec, token_ids, de
 
 def measure_floor(spec: EngineSpec, settings, token_ids, depth, sequences, k: int,
                   timings: dict[str, float], vocab_size: int, compare) -> NoiseFloor:
-    """Build the floor engine, ask it prompt by prompt, check and compare each answer with
-    the reference at once, and keep the comparisons only; release the engine."""
+    """Build the floor engine, ask it batch by batch, check and compare each batch's answers
+    with the reference at once, and keep the comparisons only; release the engine."""
     role = "noise_floor"
     started = time.perf_counter()
     engine = build_engine("hf", spec)
@@ -71,34 +71,46 @@ def measure_floor(spec: EngineSpec, settings, token_ids, depth, sequences, k: in
             named.update((p.id, (p.id, p.text, ids)) for p, ids in zip(*depth))
         engine.check_tokenization(list(named.values()))
         started = time.perf_counter()
-        for i, (prompt, ids) in enumerate(zip(settings.prompts.prompts, token_ids)):
-            answer = engine.next_token([ids], k)
-            if len(answer) != 1:
-                raise EngineError(f"{spec.role}: answered {len(answer)} prompts of 1")
-            checked(prompt.id, answer)
-            compared["first_token"] += compare.views({"first": answer}, first=[i],
+        prompts = settings.prompts.prompts
+        for group in _groups(len(token_ids), spec.batch):
+            answer = engine.next_token([token_ids[i] for i in group], k)
+            if len(answer) != len(group):
+                raise EngineError(f"{spec.role}: answered {len(answer)} prompts of {len(group)}")
+            for i, one in zip(group, answer):
+                checked(prompts[i].id, [one])
+            compared["first_token"] += compare.views({"first": answer}, first=list(group),
                                                      depth=[])["first_token"]
+            del answer  # this batch's rows go before the next batch's come
         timings[f"{role}_first_token_s"] = time.perf_counter() - started
         if depth:
             started = time.perf_counter()
-            for j, (prompt, ids) in enumerate(zip(*depth)):
+            for group in _groups(len(depth[1]), spec.batch):
+                part = ([depth[0][j] for j in group], [depth[1][j] for j in group])
+                part_sequences = [sequences[j] for j in group]
                 answers = {"first": [],
-                           "sequence": engine.score([sequences[j]], [len(ids) - 1], k),
-                           "decode": engine.greedy([ids], settings.continuation, k)}
-                check_depth_lengths(spec.role, ([prompt], [ids]), answers, [sequences[j]],
-                                     settings.continuation)
-                checked(prompt.id, answers["sequence"][0], "sequence")
-                checked(prompt.id, answers["decode"][0].steps, "decode")
-                views = compare.views(answers, first=[], depth=[j])
+                           "sequence": engine.score(part_sequences,
+                                                    [len(ids) - 1 for ids in part[1]], k),
+                           "decode": engine.greedy(part[1], settings.continuation, k)}
+                check_depth_lengths(spec.role, part, answers, part_sequences,
+                                    settings.continuation)
+                for n, prompt in enumerate(part[0]):
+                    checked(prompt.id, answers["sequence"][n], "sequence")
+                    checked(prompt.id, answers["decode"][n].steps, "decode")
+                views = compare.views(answers, first=[], depth=list(group))
                 compared["sequence"] += views["sequence"]
                 compared["decode"] += views["decode"]
-                del answers, views  # this prompt's rows go before the next prompt's come
+                del answers, views  # this batch's rows go before the next batch's come
             timings[f"{role}_depth_s"] = time.perf_counter() - started
         info: dict[str, Any] = engine.describe()
     finally:
         engine.close()
     return NoiseFloor.from_views(compared, k=k, dtype=settings.candidate_dtype,
                                  device=info["device"])
+
+
+def _groups(count: int, size: int) -> list[range]:
+    """The engine's batches (engines/hf.py cuts the same grid), so each call is one batch."""
+    return [range(start, min(start + size, count)) for start in range(0, count, max(1, size))]
 
 
 def floor_skip_reason(settings: Settings) -> str | None:

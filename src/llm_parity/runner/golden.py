@@ -322,9 +322,13 @@ PROMPT_FIELDS = ("first_token_prompts", "first_token_prompt_ids", "depth_prompts
                  "depth_prompt_ids")
 
 
-def shard_range(count: int, index: int, shards: int) -> range:
-    """The contiguous share of `count` items that shard `index` (from 0) of `shards` holds."""
-    return range(count * index // shards, count * (index + 1) // shards)
+def shard_range(count: int, index: int, shards: int, grain: int = 1) -> range:
+    """The contiguous share of `count` items that shard `index` (from 0) of `shards` holds,
+    cut at multiples of `grain` (the hf engines' batch: each shard then computes the very
+    batches the whole list is computed in)."""
+    blocks = -(-count // grain)
+    return range(min(count, blocks * index // shards * grain),
+                 min(count, blocks * (index + 1) // shards * grain))
 
 
 def merge_stores(out: Path, parts: Sequence[Path]) -> dict[str, Any]:

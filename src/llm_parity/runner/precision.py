@@ -119,6 +119,7 @@ def run_precision(settings: Settings, environment: dict[str, Any],
         role="reference (hf)",
         logprobs=k,
         options=dict(settings.reference_options),
+        batch=settings.batch,
     )
     candidate_spec = EngineSpec(
         model=str(candidate_model.path),
@@ -130,6 +131,7 @@ def run_precision(settings: Settings, environment: dict[str, Any],
         options=dict(settings.candidate_options),
         role=f"candidate ({backend})",
         logprobs=k,
+        batch=settings.batch,
         name=candidate_model.name,
         url=settings.candidate_url,
         api_key_env=settings.candidate_api_key_env,
@@ -312,7 +314,7 @@ class _Comparison:
               depth: Sequence[int] | None = None) -> dict[str, list[PromptResult]]:
         """Every view compared. `first` and `depth` are the indexes of the first-token and
         depth prompts `answers` holds, all of them by default: the noise floor is compared
-        one prompt at a time, as its engine answers."""
+        one batch at a time, as its engine answers."""
         margin, k, decode = self.thresholds.near_tie_margin, self.k, self.decode
         first = range(len(self.token_ids)) if first is None else first
         views = {"first_token": compare_prompts(

@@ -53,7 +53,8 @@ def build_reference(settings: Settings, shard: tuple[int, int] | None = None) ->
     spec = EngineSpec(model=str(model.path), dtype=settings.reference_dtype,
                       device=settings.reference_device,
                       trust_remote_code=settings.trust_remote_code, role="reference (hf)",
-                      logprobs=k, options=dict(settings.reference_options))
+                      logprobs=k, options=dict(settings.reference_options),
+                      batch=settings.batch)
     engine_class("hf").preflight(spec)
     from llm_parity.runner.tokenization import load_tokenizer, tokenize_prompts
 
@@ -63,13 +64,13 @@ def build_reference(settings: Settings, shard: tuple[int, int] | None = None) ->
     extra = None
     if shard is not None:
         index, count = shard
-        first = shard_range(len(token_ids), index, count)
+        first = shard_range(len(token_ids), index, count, settings.batch)
         prompts = settings.prompts
         settings = replace(settings, prompts=PromptSet(
             prompts.name, prompts.source, tuple(prompts.prompts[i] for i in first)))
         token_ids = [token_ids[i] for i in first]
         if depth:
-            rows = shard_range(len(depth[1]), index, count)
+            rows = shard_range(len(depth[1]), index, count, settings.batch)
             depth = ([depth[0][i] for i in rows], [depth[1][i] for i in rows])
         extra = {"shard": {
             "index": index, "count": count,
