@@ -12,6 +12,7 @@ checks that the exit status, the JUnit XML and the JSON verdict agree.
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from conftest import junit_cases, needs_vllm
@@ -227,6 +228,34 @@ def test_an_unknown_engine_argument_stops_the_run_before_the_reference(pytester,
     assert not store.exists()  # refused before the reference ran
     verdict = read_json(pytester.path / "verdict.json")
     assert verdict["verdict"] == "error" and "enforce_eagre" in verdict["error"]
+
+
+@needs_vllm
+def test_a_checkpoint_vllm_cannot_pick_a_class_for_stops_before_the_reference(
+        pytester, tmp_path, read_json):
+    # A config made from a GGUF has no "architectures": vLLM then resolves a pooling model
+    # and its engine fails to start, which was found after minutes of reference work.
+    import json
+    import shutil
+
+    from llm_parity.runner.toymodel import toy_model_dir
+
+    model = tmp_path / "no-architectures"
+    shutil.copytree(toy_model_dir(), model)
+    config = json.loads((model / "config.json").read_text())
+    del config["architectures"]
+    (model / "config.json").write_text(json.dumps(config))
+    store = tmp_path / "store"
+    started = time.monotonic()
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-m", "precision", "--candidate", "vllm",
+        f"--model={model}", "--configurations", "eager", "--long-prompts", "none",
+        f"--reference-store={store}", "--parity-json=verdict.json")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(['*candidate (vllm, configuration eager): *config.json has no '
+                                 '"architectures" list, which vLLM needs*'])
+    assert not store.exists() and time.monotonic() - started < 60
+    assert "architectures" in read_json(pytester.path / "verdict.json")["error"]
 
 
 @needs_vllm

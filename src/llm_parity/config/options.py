@@ -82,6 +82,12 @@ OPTIONS = (
     Option("--batch", "prompts the Transformers engines (the float32 reference, the noise "
            "floor, an hf candidate) compute at once, left-padded; 1 computes each alone "
            "(default: 8)", 8, "int"),
+    Option("--memory-limit", "the memory this run may take in its own process, e.g. 8GiB: "
+           "a run estimated above it is refused before any model loads (default: this "
+           "machine's available memory, or its cgroup's limit)"),
+    Option("--progress-interval", "seconds between the plain progress lines written while "
+           "the suite works when output is not a terminal (a CI log); 0 writes one at each "
+           "update (default: 30)", 30, "int"),
     Option("--devices-per-worker", "under pytest-xdist (-n N), give worker i the devices "
            "i*K to i*K+K-1 through CUDA_VISIBLE_DEVICES and ASCEND_RT_VISIBLE_DEVICES; 0 "
            "leaves them as they are (default: 0)", 0, "int"),
@@ -119,6 +125,8 @@ class Settings:
     reference_options: dict[str, Any] = field(default_factory=dict)
     devices_per_worker: int = 0
     batch: int = 8  # prompts an hf engine computes at once (engines/hf.py)
+    progress_interval: int = 30  # seconds between plain progress lines (pytest_plugin/live.py)
+    memory_limit: str | None = None  # what the run may take (runner/budget.py); None: found
     tensor_parallel_size: int = 1
     trust_remote_code: bool = False
     thresholds_explicit: bool = False
@@ -214,6 +222,13 @@ def build_settings(raw: dict[str, Any], rootdir: Path) -> Settings:
     tp = positive_int(raw["tensor-parallel-size"], "--tensor-parallel-size")
     continuation = positive_int(raw["continuation"], "--continuation", minimum=0)
     batch = positive_int(raw.get("batch", 8), "--batch", minimum=1)
+    memory_limit = raw.get("memory-limit") or None
+    if memory_limit is not None:
+        from llm_parity.runner.budget import parse_size
+
+        parse_size(memory_limit)  # refused with the flag's name before anything loads
+    progress_interval = positive_int(raw.get("progress-interval", 30), "--progress-interval",
+                                     minimum=0)
     for flag in ("model", "candidate-model"):
         name = raw[flag]
         if name and is_local_reference(name):
@@ -289,6 +304,8 @@ def build_settings(raw: dict[str, Any], rootdir: Path) -> Settings:
         thresholds_explicit=thresholds_explicit,
         continuation=continuation,
         batch=batch,
+        progress_interval=progress_interval,
+        memory_limit=memory_limit,
         long_prompts=long_prompts,
         candidate_url=candidate_url,
         candidate_api_key_env=raw["candidate-api-key-env"],

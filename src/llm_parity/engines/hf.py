@@ -26,7 +26,7 @@ import numpy as np
 from llm_parity.compare.answers import Decoded, NextToken, next_token_from_logits
 from llm_parity.engines._torch import resolve_device, torch_dtype, transformers_dtype_kwarg
 from llm_parity.engines.base import Engine, EngineSpec, Timing
-from llm_parity.engines.progress import announce, settle
+from llm_parity.engines.progress import advance, announce, settle
 from llm_parity.errors import EngineError
 
 # The most bytes of float32 logits one batched call may hold (a batch is cut smaller past it).
@@ -220,7 +220,7 @@ class HfEngine(Engine):
         return {"logits_to_keep": keep} if self._keeps_logits else {}
 
     def next_token(self, prompts: Sequence[Sequence[int]], k: int) -> list[NextToken]:
-        announce(f"{self.spec.role}: scoring {len(prompts)} prompts")
+        announce(f"{self.spec.role}: scoring {len(prompts)} prompts", len(prompts))
         results: list[NextToken] = []
         with self._torch.inference_mode():
             for group in self._groups(len(prompts)):
@@ -228,6 +228,7 @@ class HfEngine(Engine):
                 logits = out.logits[:, -1].float().cpu().numpy()
                 del out
                 results += [next_token_from_logits(row.copy(), k) for row in logits]
+                advance(len(group))
         return results
 
     def score(
@@ -236,7 +237,8 @@ class HfEngine(Engine):
         """The views after each position from `start` to the one before the last (teacher
         forced). Rows are right-aligned, so every sequence's positions are among the last
         columns."""
-        announce(f"{self.spec.role}: scoring {len(sequences)} sequences")
+        announce(f"{self.spec.role}: scoring {len(sequences)} sequences", len(sequences),
+                 "sequences")
         wanted = [len(ids) - 1 - start for ids, start in zip(sequences, starts, strict=True)]
         results: list[list[NextToken]] = []
         with self._torch.inference_mode():
@@ -248,12 +250,14 @@ class HfEngine(Engine):
                 for row, i in enumerate(group):
                     span = logits[row, keep - 1 - wanted[i]:keep - 1]
                     results.append([next_token_from_logits(r.copy(), k) for r in span])
+                advance(len(group))
         return results
 
     def greedy(self, prompts: Sequence[Sequence[int]], steps: int, k: int) -> list[Decoded]:
         """Greedy decoding with the KV cache, EOS ignored; each token is the argmax of the
         float32 logits, which is the float64 log-probs' (without computing them again)."""
-        announce(f"{self.spec.role}: decoding {len(prompts)} prompts")
+        announce(f"{self.spec.role}: decoding {len(prompts)} prompts", len(prompts) * steps,
+                 "tokens")
         torch = self._torch
         results: list[Decoded] = []
         for group in self._groups(len(prompts)):
@@ -272,6 +276,7 @@ class HfEngine(Engine):
                         views[i].append(next_token_from_logits(row.copy(), k))
                         chosen.append(int(np.argmax(row)))
                         tokens[i].append(chosen[-1])
+                    advance(len(rows))
                     if len(tokens[0]) == steps:
                         break
                     step = torch.tensor([[t] for t in chosen], device=self.device)

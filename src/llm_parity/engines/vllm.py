@@ -48,6 +48,28 @@ def engine_argument_names() -> set[str]:
             | set(inspect.signature(LLM.__init__).parameters) - {"self", "kwargs"})
 
 
+def _check_architectures(spec: EngineSpec) -> None:
+    """vLLM picks its model class from config.json's `architectures`; without it (a config
+    made from a GGUF has none) it resolves a pooling model and fails only once the engine
+    starts: said before the reference's long work, not after it."""
+    import json
+    from pathlib import Path
+
+    config = Path(spec.model) / "config.json"
+    if spec.url or not config.is_file():
+        return
+    try:
+        outer = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # the checkpoint checks name a broken config
+    if not outer.get("architectures"):
+        raise EngineError(
+            f"{spec.role}: {config} has no \"architectures\" list, which vLLM needs to pick "
+            "the model class (without it, it resolves a pooling model and the engine fails "
+            "to start): add the causal-LM class, e.g. \"architectures\": "
+            "[\"Gemma3ForCausalLM\"]")
+
+
 class VllmEngine(Engine):
     backend = "vllm"
 
@@ -67,6 +89,7 @@ class VllmEngine(Engine):
                 f"{spec.role}: {unknown[0]!r} is not a vLLM engine argument"
                 + (f" (did you mean {hint[0]!r}?)" if hint else "")
                 + f"; vLLM {vllm.__version__} takes the fields of vllm.EngineArgs")
+        _check_architectures(spec)
         device = platform_device()
         asked = spec.device.split(":")[0]
         if asked not in ("auto", device):

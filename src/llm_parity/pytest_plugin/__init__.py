@@ -106,6 +106,7 @@ def pytest_configure(config: pytest.Config) -> None:
         # Where the suite runs, SIGTERM ends the session as Ctrl-C does: engines closed, a
         # verdict written; a project that never asks for the suite keeps pytest's own.
         interrupt.install(config)
+        session.live = True  # the live line, once the terminal reporter exists (below)
 
         if distributed.EXCHANGE in getattr(config, "workerinput", {}):
             distributed.setup_worker(config)
@@ -115,6 +116,15 @@ def pytest_configure(config: pytest.Config) -> None:
 
     config.pluginmanager.register(fixtures, "llm-parity-fixtures")
     config.pluginmanager.register(performance, "llm-parity-performance")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    state = session.config.stash.get(SESSION_KEY, None)
+    if state is not None and getattr(state, "live", False):
+        from llm_parity.pytest_plugin import live
+
+        live.setup(session.config, state.settings.progress_interval)
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:

@@ -21,6 +21,7 @@ from llm_parity.compare.noise_floor import NoiseFloor
 from llm_parity.config.options import Settings
 from llm_parity.config.thresholds import Thresholds
 from llm_parity.engines.base import EngineSpec, build_engine
+from llm_parity.engines.progress import phase
 from llm_parity.errors import EngineError
 
 
@@ -72,34 +73,40 @@ def measure_floor(spec: EngineSpec, settings, token_ids, depth, sequences, k: in
         engine.check_tokenization(list(named.values()))
         started = time.perf_counter()
         prompts = settings.prompts.prompts
-        for group in _groups(len(token_ids), spec.batch):
-            answer = engine.next_token([token_ids[i] for i in group], k)
-            if len(answer) != len(group):
-                raise EngineError(f"{spec.role}: answered {len(answer)} prompts of {len(group)}")
-            for i, one in zip(group, answer):
-                checked(prompts[i].id, [one])
-            compared["first_token"] += compare.views({"first": answer}, first=list(group),
-                                                     depth=[])["first_token"]
-            del answer  # this batch's rows go before the next batch's come
+        with phase(f"{spec.role}: first token", len(token_ids)) as done:
+            for group in _groups(len(token_ids), spec.batch):
+                answer = engine.next_token([token_ids[i] for i in group], k)
+                if len(answer) != len(group):
+                    raise EngineError(f"{spec.role}: answered {len(answer)} prompts of "
+                                      f"{len(group)}")
+                for i, one in zip(group, answer):
+                    checked(prompts[i].id, [one])
+                compared["first_token"] += compare.views({"first": answer}, first=list(group),
+                                                         depth=[])["first_token"]
+                del answer  # this batch's rows go before the next batch's come
+                done(len(group))
         timings[f"{role}_first_token_s"] = time.perf_counter() - started
         if depth:
             started = time.perf_counter()
-            for group in _groups(len(depth[1]), spec.batch):
-                part = ([depth[0][j] for j in group], [depth[1][j] for j in group])
-                part_sequences = [sequences[j] for j in group]
-                answers = {"first": [],
-                           "sequence": engine.score(part_sequences,
-                                                    [len(ids) - 1 for ids in part[1]], k),
-                           "decode": engine.greedy(part[1], settings.continuation, k)}
-                check_depth_lengths(spec.role, part, answers, part_sequences,
-                                    settings.continuation)
-                for n, prompt in enumerate(part[0]):
-                    checked(prompt.id, answers["sequence"][n], "sequence")
-                    checked(prompt.id, answers["decode"][n].steps, "decode")
-                views = compare.views(answers, first=[], depth=list(group))
-                compared["sequence"] += views["sequence"]
-                compared["decode"] += views["decode"]
-                del answers, views  # this batch's rows go before the next batch's come
+            with phase(f"{spec.role}: depth, {settings.continuation} tokens each",
+                       len(depth[1])) as done:
+                for group in _groups(len(depth[1]), spec.batch):
+                    part = ([depth[0][j] for j in group], [depth[1][j] for j in group])
+                    part_sequences = [sequences[j] for j in group]
+                    answers = {"first": [],
+                               "sequence": engine.score(part_sequences,
+                                                        [len(ids) - 1 for ids in part[1]], k),
+                               "decode": engine.greedy(part[1], settings.continuation, k)}
+                    check_depth_lengths(spec.role, part, answers, part_sequences,
+                                        settings.continuation)
+                    for n, prompt in enumerate(part[0]):
+                        checked(prompt.id, answers["sequence"][n], "sequence")
+                        checked(prompt.id, answers["decode"][n].steps, "decode")
+                    views = compare.views(answers, first=[], depth=list(group))
+                    compared["sequence"] += views["sequence"]
+                    compared["decode"] += views["decode"]
+                    del answers, views  # this batch's rows go before the next batch's come
+                    done(len(group))
             timings[f"{role}_depth_s"] = time.perf_counter() - started
         info: dict[str, Any] = engine.describe()
     finally:

@@ -229,8 +229,15 @@ def _capture_all(settings: Settings, run: Run, spec: EngineSpec, sequences, kept
                  out: LocalizationRun) -> list[tuple[dict, dict | None, dict]]:
     """Reference, floor and candidate captures of each sequence; one engine at a time."""
     def capture(engine: Engine, role: str) -> list[dict]:
+        from llm_parity.engines.progress import phase
+
         started = time.perf_counter()
-        found = [engine.capture(ids, positions) for _, _, ids, positions in sequences]
+        found = []
+        with phase(f"localization: {engine.spec.role}: capturing layers", len(sequences),
+                   "sequences") as done:
+            for _, _, ids, positions in sequences:
+                found.append(engine.capture(ids, positions))
+                done(1)
         out.timings[f"{role}_capture_s"] = time.perf_counter() - started
         return found
 

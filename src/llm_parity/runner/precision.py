@@ -161,6 +161,8 @@ def run_precision(settings: Settings, environment: dict[str, Any],
     depth = _depth_prompts(settings, tokenizer, card)
     store, key = _reference_store(settings, reference_model, card, token_ids, depth,
                                   reference_spec)
+    stored = store is not None and store.exists() and not settings.reference_store_update
+    _check_budget(settings, card, token_ids, depth, stored, backend)
     if exchange is not None and (store is None or not store.exists()):
         raise EngineError("under pytest -n the float32 reference comes from a golden store that "
                           "exists before the workers start (llm-parity reference build)")
@@ -278,6 +280,17 @@ def _candidate_role(backend: str, configuration: Configuration) -> str:
     if not configuration.declared:
         return f"candidate ({backend})"
     return f"candidate ({backend}, configuration {configuration.name})"
+
+
+def _check_budget(settings: Settings, card: dict[str, Any], token_ids, depth, stored: bool,
+                  backend: str) -> None:
+    """The run's memory, said before any model loads; refused when it cannot fit."""
+    from llm_parity.engines.progress import announce
+    from llm_parity.runner import budget
+
+    found = budget.check(card, settings, token_ids, depth, reference_stored=stored,
+                         floor=floor_skip_reason(settings) is None, candidate_backend=backend)
+    announce(f"memory: {found.text()}; given {found.given()}")
 
 
 def _depth_prompts(settings: Settings, tokenizer: Any, card: dict[str, Any]):

@@ -34,6 +34,7 @@ class ParitySession:
         self.spare: dict[str, Any] = {}
         # Under pytest-xdist: the prompt shares of the workers (runner/exchange.py).
         self.exchange: Any = None
+        self.live = False  # the pytest plugin shows a live progress line (pytest_plugin/live.py)
 
     def gate_names(self) -> list[str]:
         """Every gate name the file can produce, on any platform, for this model."""
