@@ -46,7 +46,8 @@ def largest_move(one, batched) -> float:
 
 
 def family_param(family: str):
-    marks = [pytest.mark.transformers5] if family == "deepseek_v2" else []
+    # Transformers 4.51 has no DeepSeek-V2, and reads the MoE stand-in's experts otherwise.
+    marks = [pytest.mark.transformers5] if family in ("deepseek_v2", "qwen3_moe") else []
     return pytest.param(family, marks=marks)
 
 
@@ -76,6 +77,7 @@ def test_a_batched_stand_in_answers_as_each_prompt_alone(family, rag_prompts, tm
 
 
 @pytest.mark.engine
+@pytest.mark.transformers5  # before 5 such a model decodes one prompt at a time (hf._pads)
 def test_padding_keeps_a_sliding_window_each_rows_own(tmp_path):
     # Gemma 3's local layers see the last `sliding_window` tokens: a left-padded row must
     # count them from its own tokens, not the padded batch's columns.
@@ -99,8 +101,8 @@ def test_padding_keeps_a_sliding_window_each_rows_own(tmp_path):
 
 @pytest.mark.engine
 def test_a_batch_cut_by_memory_stays_on_the_grid(rag_prompts):
-    # A batch whose logits would pass the budget is cut to a divisor of the batch size,
-    # so shards on the grid still see the same groups.
+    # A batch whose logits or padded tokens would pass their budgets is cut into runs of a
+    # divisor of the batch size, cell by cell, so shards on the grid see the same groups.
     from llm_parity.engines import hf
     from llm_parity.runner.toymodel import toy_model_dir
 
@@ -110,8 +112,15 @@ def test_a_batch_cut_by_memory_stays_on_the_grid(rag_prompts):
         budget = hf.LOGIT_BUDGET
         try:
             hf.LOGIT_BUDGET = 3 * 10 * row  # three prompts of ten rows each
-            groups = engine._groups(25, rows=10)
+            by_logits = engine._groups([10] * 25, rows=10)
         finally:
             hf.LOGIT_BUDGET = budget
-    assert [len(g) for g in groups] == [2] * 12 + [1]
-    assert all(g.start % 2 == 0 for g in groups)
+        by_tokens = engine._groups([10] * 9 + [1500] * 7 + [3000] * 8 + [10])
+        shard = engine._groups(([10] * 9 + [1500] * 7 + [3000] * 8 + [10])[8:16])
+    assert [len(g) for g in by_logits] == [2] * 12 + [1]
+    assert all(g.start % 2 == 0 for g in by_logits)
+    # 8 x 10 tokens fit; a cell as wide as 1,500 runs in pairs, 3,000 alone; each cell
+    # is cut by its own widest prompt.
+    assert [(g.start, len(g)) for g in by_tokens] == (
+        [(0, 8), (8, 2), (10, 2), (12, 2), (14, 2)] + [(i, 1) for i in range(16, 25)])
+    assert [(g.start + 8, len(g)) for g in shard] == [(8, 2), (10, 2), (12, 2), (14, 2)]

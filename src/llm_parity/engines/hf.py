@@ -29,12 +29,28 @@ from llm_parity.engines.base import Engine, EngineSpec, Timing
 from llm_parity.engines.progress import advance, announce, settle
 from llm_parity.errors import EngineError
 
-# The most bytes of float32 logits one batched call may hold (a batch is cut smaller past it).
+# The most bytes of float32 logits one batched call may hold, and the most padded tokens it
+# may run at once (a long prompt's attention and activations grow with both): a batch is cut
+# smaller past either.
 LOGIT_BUDGET = 512 * 2**20
+TOKEN_BUDGET = 4096
 
 # Placement targets that are not devices (accelerate's memory tiers).
 TIERS = ("cpu", "disk")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _pads(config: Any) -> bool:
+    """Whether this Transformers release decodes the model left-padded. Before 5, a model
+    with sliding-window layers builds its cache as long as the prefill and refuses the
+    padding mask growing with each step (4.51's Gemma 3): it decodes one prompt at a time."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return True
+    text = getattr(config, "text_config", None) or config
+    return not (getattr(text, "sliding_window", None)
+                and getattr(text, "use_sliding_window", True) is not False)
 
 
 def _input_device(placement: dict[str, str]) -> str | None:
@@ -147,7 +163,7 @@ class HfEngine(Engine):
             self.placement = {}
             self.model = model.to(self.device).eval()
         self._torch = torch
-        self.batch = max(1, int(spec.batch))
+        self.batch = max(1, int(spec.batch)) if _pads(model.config) else 1
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     @classmethod
@@ -183,14 +199,22 @@ class HfEngine(Engine):
                 logits = self.model(input_ids=ids).logits[0, where]
             return logits.float().cpu().numpy()
 
-    def _groups(self, count: int, rows: int = 1) -> list[range]:
-        """Consecutive groups of the batch size; smaller (a divisor of it, so the groups
-        still fall on the same grid) when `rows` logit rows a prompt would not fit in
-        LOGIT_BUDGET bytes."""
-        size = self.batch
-        while size > 1 and size * rows * self.vocab_size * 4 > LOGIT_BUDGET:
-            size = next(d for d in range(size - 1, 0, -1) if self.batch % d == 0)
-        return [range(start, min(start + size, count)) for start in range(0, count, size)]
+    def _groups(self, widths: Sequence[int], rows: int = 1) -> list[range]:
+        """The batches of a list whose prompts have these lengths: cells of `batch`
+        consecutive prompts from its start, each cut into equal runs of a divisor of
+        `batch` when its logits (`rows` a prompt) would pass LOGIT_BUDGET bytes or its
+        padded tokens TOKEN_BUDGET. A cell is cut by its own prompts alone, so a list cut
+        at multiples of `batch` is computed in the same batches as the whole."""
+        groups: list[range] = []
+        for start in range(0, len(widths), self.batch):
+            cell = range(start, min(start + self.batch, len(widths)))
+            widest = max(widths[i] for i in cell)
+            size = self.batch
+            while size > 1 and (size * rows * self.vocab_size * 4 > LOGIT_BUDGET
+                                or size * widest > TOKEN_BUDGET):
+                size = next(d for d in range(size - 1, 0, -1) if self.batch % d == 0)
+            groups += [range(i, min(i + size, cell.stop)) for i in range(start, cell.stop, size)]
+        return groups
 
     def _padded(self, rows: Sequence[Sequence[int]]):
         """Left-padded token ids, the attention mask and each row's positions (as its own
@@ -223,7 +247,7 @@ class HfEngine(Engine):
         announce(f"{self.spec.role}: scoring {len(prompts)} prompts", len(prompts))
         results: list[NextToken] = []
         with self._torch.inference_mode():
-            for group in self._groups(len(prompts)):
+            for group in self._groups([len(ids) for ids in prompts]):
                 out = self._forward([prompts[i] for i in group], 1)[0]
                 logits = out.logits[:, -1].float().cpu().numpy()
                 del out
@@ -242,7 +266,7 @@ class HfEngine(Engine):
         wanted = [len(ids) - 1 - start for ids, start in zip(sequences, starts, strict=True)]
         results: list[list[NextToken]] = []
         with self._torch.inference_mode():
-            for group in self._groups(len(sequences), max(wanted, default=1)):
+            for group in self._groups([len(ids) for ids in sequences], max(wanted, default=1)):
                 keep = max(wanted[i] for i in group) + 1
                 out = self._forward([sequences[i] for i in group], keep)[0]
                 logits = out.logits[:, -keep:].float().cpu().numpy()
@@ -260,7 +284,7 @@ class HfEngine(Engine):
                  "tokens")
         torch = self._torch
         results: list[Decoded] = []
-        for group in self._groups(len(prompts)):
+        for group in self._groups([len(ids) + steps for ids in prompts]):
             rows = [prompts[i] for i in group]
             tokens: list[list[int]] = [[] for _ in rows]
             views: list[list[NextToken]] = [[] for _ in rows]

@@ -9,7 +9,8 @@ next; answers stay until the run is judged):
 
 - `baseline`: Python with torch, Transformers and the suite imported, no model (measured);
 - the largest engine's weights in the process: the float32 reference (4 bytes a
-  parameter), or the floor's and an hf candidate's in their dtype;
+  parameter), or the floor's and an hf candidate's in their dtype; and the checkpoint's
+  files, read (memory-mapped) while that copy is made;
 - the reference's answers: a float32 vocabulary row for each first-token prompt and each
   continued position (compare/answers.py);
 - an hf candidate's answers: the same rows for the first token, teacher-forced and free;
@@ -108,7 +109,7 @@ def estimate(card: dict[str, Any], settings, first_ids: list[list[int]],
              depth: tuple[list, list[list[int]]] | None, *, reference_stored: bool,
              floor: bool, candidate_backend: str) -> dict[str, int]:
     """The run's parts, in bytes (see the module's docstring)."""
-    from llm_parity.engines.hf import LOGIT_BUDGET
+    from llm_parity.engines.hf import LOGIT_BUDGET, TOKEN_BUDGET
 
     params = card.get("parameters") or (card.get("weight_bytes") or 0) // 2
     vocab = int(card.get("vocab_size") or 0)
@@ -132,13 +133,17 @@ def estimate(card: dict[str, Any], settings, first_ids: list[list[int]],
     parts = {"baseline": BASELINE}
     if largest:
         parts[name] = largest
+        # Loading reads the checkpoint's files (memory-mapped, resident once read) while
+        # the engine's own copy is made.
+        parts["checkpoint files, while loading"] = int(card.get("weight_bytes") or 0)
     parts["reference rows"] = reference_rows
     if hf_candidate:
         parts["candidate rows"] = (len(first_ids) + 2 * continued) * row
     if largest:
+        # The widest batch: as many of the longest prompt as TOKEN_BUDGET lets run at once.
         lengths = [len(ids) for ids in (depth[1] if depth else first_ids)] or [1]
-        batch = min(settings.batch, len(lengths))
         longest = max(lengths) + settings.continuation
+        batch = max(1, min(settings.batch, len(lengths), TOKEN_BUDGET // longest))
         head_dim = hidden // heads if heads else 0
         kv = batch * longest * layers * 2 * kv_heads * head_dim * 4
         logits = min(LOGIT_BUDGET, batch * (settings.continuation + 1) * row)
