@@ -90,3 +90,16 @@ def test_a_run_too_large_for_its_memory_is_refused_before_any_model_loads(pytest
     fits.stdout.fnmatch_lines(["llm-parity: memory: about * GiB in this process (baseline "
                                "0.75 GiB, reference weights (float32) *; given 8.00 GiB "
                                "(--memory-limit)*"])
+
+
+def test_reference_build_is_refused_too_without_sending_it_to_itself(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "llm_parity.cli", "reference", "build",
+                           str(tmp_path / "store"), "--memory-limit=100MiB"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode != 0
+    assert "this run needs about" in done.stderr and "device_map=auto" in done.stderr
+    assert "llm-parity reference build STORE" not in done.stderr
+    assert not (tmp_path / "store").exists()

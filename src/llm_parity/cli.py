@@ -71,7 +71,8 @@ def _compare(args: argparse.Namespace) -> int:
 # Suite options `llm-parity reference build` takes, as the pytest run spells them.
 BUILD_OPTIONS = ("--model", "--prompts", "--long-prompts", "--continuation", "--logprobs",
                  "--reference-dtype", "--reference-device", "--reference-option",
-                 "--candidate-dtype", "--noise-floor", "--thresholds", "--trust-remote-code")
+                 "--candidate-dtype", "--noise-floor", "--thresholds", "--trust-remote-code",
+                 "--batch", "--memory-limit")
 
 
 def _reference_build(args: argparse.Namespace) -> int:

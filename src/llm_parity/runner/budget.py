@@ -157,8 +157,9 @@ def _placed(options: dict[str, Any]) -> bool:
 
 
 def check(card: dict[str, Any], settings, first_ids, depth, *, reference_stored: bool,
-          floor: bool, candidate_backend: str) -> Budget:
-    """The run's budget, refused (SettingsError) when it cannot fit what it is given."""
+          floor: bool, candidate_backend: str, building: bool = False) -> Budget:
+    """The run's budget, refused (SettingsError) when it cannot fit what it is given.
+    `building`: this is `llm-parity reference build`, which a store cannot spare."""
     parts = estimate(card, settings, first_ids, depth, reference_stored=reference_stored,
                      floor=floor, candidate_backend=candidate_backend)
     if settings.memory_limit:
@@ -168,9 +169,10 @@ def check(card: dict[str, Any], settings, first_ids, depth, *, reference_stored:
     budget = Budget(parts, available, named)
     if available is not None and budget.total > available:
         ways = []
-        if not reference_stored:
+        if not reference_stored and not building:
             ways.append("build the reference where the memory is, with `llm-parity reference "
                         "build STORE --model=...`, and pass --reference-store=STORE here")
+        if not reference_stored:
             ways.append("place the reference with --reference-option device_map=auto "
                         "--reference-option 'max_memory={\"cpu\": \"...\"}' "
                         "--reference-option offload_folder=DIR")

@@ -76,6 +76,12 @@ def build_reference(settings: Settings, shard: tuple[int, int] | None = None) ->
             "index": index, "count": count,
             "first_token": [[p.id, ids] for p, ids in zip(settings.prompts.prompts, token_ids)],
             "depth": [[p.id, ids] for p, ids in zip(*depth)] if depth else []}}
+    from llm_parity.runner import budget
+
+    budget.check(card, settings, token_ids, depth, reference_stored=False,
+                 floor=settings.noise_floor != "off"
+                 and settings.candidate_dtype != settings.reference_dtype,
+                 candidate_backend="none", building=True)  # before the model loads
     store, key = _reference_store(settings, model, card, token_ids, depth, spec)
     answers, info = _run_engine("hf", spec, token_ids, depth, k, settings, timings, "reference")
     store.save(key, answers, info, extra)
