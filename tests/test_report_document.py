@@ -290,11 +290,11 @@ def test_write_outputs_writes_the_report(tmp_path, suffix, clean_pass):
 
 
 def test_gates_relative_to_the_noise_floor_draw_no_line_on_the_metric_axis(mixed):
-    from llm_parity.report.document import _lines_for
+    from llm_parity.report.details import gate_lines
 
     data = data_of(mixed)
     data["gates"].append({"name": "kl_vs_floor", "metric": "kl", "aggregate": "mean",
                           "bound": "max", "threshold": 3.0, "value": 0.7, "passed": True,
                           "over": "first_token", "relative_to": "noise_floor"})
-    lines = _lines_for(data, "kl")
+    lines = gate_lines(data, "kl")
     assert lines and all(line.value != 3.0 for line in lines)

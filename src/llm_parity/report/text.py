@@ -28,3 +28,27 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, indent: 
     out += [indent + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
             for row in cells[1:]]
     return out
+
+
+# Cells of the acceptance report (report/document.py, report/details.py).
+
+
+def value_text(value: Any) -> str:
+    return "n/a" if value is None else fmt(value)
+
+
+def pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.4g}%"
+
+
+def code_token(text: Any) -> str:
+    """A token as the tokenizer shows it, safe inside a `code` span."""
+    return "`" + str(text).replace("`", "ˋ") + "`"
+
+
+def bound_text(gate: dict[str, Any]) -> str:
+    return f"{'≥' if gate['bound'] == 'min' else '≤'} {fmt(gate['threshold'])}"
+
+
+def gate_label(gate: dict[str, Any]) -> str:
+    return f"{gate['aggregate']} {gate['metric']} {bound_text(gate)}"
