@@ -443,13 +443,9 @@ def expected_location(kind: str, config: dict) -> tuple[int | None, str | None] 
         return None
     layer, module = LOCATIONS[kind]
     layers = config["num_hidden_layers"]
-    if layer == "last":
-        layer = layers - 1
-    elif layer == "middle":
-        layer = layers // 2
-    elif layer == "any":
-        layer = None  # any layer, this module
-    return layer, module
+    # "any": any layer, this module
+    named = {"last": layers - 1, "middle": layers // 2, "any": None}
+    return (named[layer] if isinstance(layer, str) else layer), module
 
 
 def location_matches(expected: tuple[int | None, str | None] | None, found: Any) -> bool:
@@ -475,8 +471,8 @@ def make_mutant(source: Path, dest: Path, kind: str) -> Path:
     return dest
 
 
-# The founding acceptance report's four gates: the first token of each prompt, absolute bounds.
-FOUNDING_GATES = ("top1_match_rate", "cosine_mean", "kl_mean", "spearman_mean")
+FOUNDING_GATES = ("top1_match_rate", "cosine_mean", "kl_mean", "spearman_mean")  # the first
+# token of each prompt, absolute bounds: the founding acceptance report's four gates
 
 
 def detection(verdict: dict) -> dict:
