@@ -443,8 +443,7 @@ def expected_location(kind: str, config: dict) -> tuple[int | None, str | None] 
         return None
     layer, module = LOCATIONS[kind]
     layers = config["num_hidden_layers"]
-    # "any": any layer, this module
-    named = {"last": layers - 1, "middle": layers // 2, "any": None}
+    named = {"last": layers - 1, "middle": layers // 2, "any": None}  # any: this module
     return (named[layer] if isinstance(layer, str) else layer), module
 
 
@@ -471,8 +470,8 @@ def make_mutant(source: Path, dest: Path, kind: str) -> Path:
     return dest
 
 
-FOUNDING_GATES = ("top1_match_rate", "cosine_mean", "kl_mean", "spearman_mean")  # the first
-# token of each prompt, absolute bounds: the founding acceptance report's four gates
+# The founding report's four gates: each prompt's first token, absolute bounds.
+FOUNDING_GATES = ("top1_match_rate", "cosine_mean", "kl_mean", "spearman_mean")
 
 
 def detection(verdict: dict) -> dict:
