@@ -161,7 +161,9 @@ def test_a_worker_lost_before_the_exchange_ends_the_run_naming_it(pytester, stor
         @pytest.hookimpl(trylast=True)
         def pytest_collection_finish(session):
             if os.environ.get("PYTEST_XDIST_WORKER") == "gw1":
-                pathlib.Path("gw1.pid").write_text(str(os.getpid()))
+                staging = pathlib.Path("gw1.pid.tmp")
+                staging.write_text(str(os.getpid()))
+                staging.rename("gw1.pid")  # whole, or not there
                 if not {late}:
                     os._exit(3)  # dies before it has any answer to share
 
@@ -171,7 +173,12 @@ def test_a_worker_lost_before_the_exchange_ends_the_run_naming_it(pytester, stor
         def pytest_xdist_node_collection_finished(node, ids):
             collected.append(node)
             if {late} and len(collected) == 2:  # xdist sends the tests when this returns
-                pid = int(pathlib.Path("gw1.pid").read_text())
+                written = pathlib.Path("gw1.pid")  # gw1 writes it just after it reports
+                for _ in range(600):
+                    if written.exists() and written.read_text():
+                        break
+                    time.sleep(0.05)
+                pid = int(written.read_text())
                 os.kill(pid, signal.SIGKILL)
                 stat = pathlib.Path(f"/proc/{{pid}}/stat")
                 while stat.exists() and stat.read_text().split()[2] != "Z":
