@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from llm_parity.config.options import OPTIONS, build_settings
+from llm_parity.config.sizes import parse_size
 from llm_parity.errors import SettingsError
 from llm_parity.runner import budget
 
@@ -28,7 +29,7 @@ CARD = {"parameters": 7_000_000_000, "vocab_size": 152_064, "layers": 28, "hidde
                                         ("2G", 2 * 10**9), ("1.5GiB", int(1.5 * 2**30)),
                                         ("1000", 1000)])
 def test_sizes_are_read_in_their_units(text, size):
-    assert budget.parse_size(text) == size
+    assert parse_size(text) == size
 
 
 @pytest.mark.parametrize("text", ["lots", "8 parsecs", "-1GiB", "0"])

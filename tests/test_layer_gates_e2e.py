@@ -17,15 +17,17 @@ pytestmark = pytest.mark.engine
 QUICK = ("--long-prompts", "none", "--continuation", "8")
 
 
-def noisy_o_proj(dest, scale=0.03):
+def noisy_o_proj(dest, scale=0.03, seed=1):
     """Noise at 3% of its spread on layer 0's output projection: every output gate passes
-    (sequence KL 2x the floor), layer 0's attention reads 6x its floor."""
+    (the nearest per-prompt gate at a quarter of its bound), layer 0's attention reads 5.8x
+    its floor. (Seed 0's draw put one prompt's teacher-forced KL at 16x its floor once the
+    floor was batched: a port that no longer passes its output gates.)"""
     import torch
 
     from llm_parity.testing.mutants import _edit_weights
 
     shutil.copytree(toy_model_dir(), dest)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
 
     def edit(tensors):
         name = "model.layers.0.self_attn.o_proj.weight"

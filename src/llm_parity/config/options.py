@@ -224,7 +224,7 @@ def build_settings(raw: dict[str, Any], rootdir: Path) -> Settings:
     batch = positive_int(raw.get("batch", 8), "--batch", minimum=1)
     memory_limit = raw.get("memory-limit") or None
     if memory_limit is not None:
-        from llm_parity.runner.budget import parse_size
+        from llm_parity.config.sizes import parse_size
 
         parse_size(memory_limit)  # refused with the flag's name before anything loads
     progress_interval = positive_int(raw.get("progress-interval", 30), "--progress-interval",
