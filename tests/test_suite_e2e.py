@@ -279,4 +279,7 @@ def test_noise_floor_off_skips_the_relative_gates_and_says_why(pytester):
     result = run_suite(pytester, "-rs", "--candidate", "hf", "--noise-floor", "off", *QUICK)
     assert result.ret == 0, result.stdout.str()
     result.stdout.fnmatch_lines(["*SKIPPED*kl_vs_floor*the noise floor is off*"])
-    assert "noise floor (hf" not in result.stdout.str()
+    # No floor line in what the run reports (the live lines say which engines localization
+    # captured with, the floor's among them for the layer gates).
+    reported = [line for line in result.stdout.lines if not line.startswith("llm-parity: ")]
+    assert not any("noise floor (hf" in line for line in reported)
