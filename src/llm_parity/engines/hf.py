@@ -187,18 +187,6 @@ class HfEngine(Engine):
     def vocab_size(self) -> int:
         return int(self.model.get_output_embeddings().weight.shape[0])
 
-    def position_logits(self, token_ids: Sequence[int], positions: Sequence[int]) -> np.ndarray:
-        """Float32 logits (positions x vocabulary) of the token after each given position."""
-        torch = self._torch
-        ids = torch.tensor([list(token_ids)], device=self.device)
-        where = torch.tensor(list(positions), device=self.device)
-        with torch.inference_mode():
-            if self._keeps_logits:
-                logits = self.model(input_ids=ids, logits_to_keep=where).logits[0]
-            else:
-                logits = self.model(input_ids=ids).logits[0, where]
-            return logits.float().cpu().numpy()
-
     def _groups(self, widths: Sequence[int], rows: int = 1) -> list[range]:
         """The batches of a list whose prompts have these lengths: cells of `batch`
         consecutive prompts from its start, each cut into equal runs of a divisor of
@@ -324,7 +312,7 @@ class HfEngine(Engine):
         from llm_parity.engines.capture import Recorder
 
         recorder = Recorder(self.model, positions, fused_residual=False)
-        keep = {"logits_to_keep": 1} if self._keeps_logits else {}
+        keep = self._keep(1)
         try:
             with self._torch.inference_mode():
                 self.model(input_ids=self._torch.tensor([list(token_ids)], device=self.device),
@@ -340,7 +328,7 @@ class HfEngine(Engine):
         timestamps are when each token really existed.
         """
         torch = self._torch
-        keep = {"logits_to_keep": 1} if self._keeps_logits else {}
+        keep = self._keep(1)
         timings = []
         for ids in prompts:
             with torch.inference_mode():
