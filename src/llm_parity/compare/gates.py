@@ -174,3 +174,5 @@ class Thresholds:
     warmup_rounds: int = 1
     rounds: int = 3
     max_cv: float = 0.1
+    # What a quantized checkpoint may cost against its float32 original (docs/quantized-ports.md).
+    quantization_gates: tuple[Gate, ...] = ()

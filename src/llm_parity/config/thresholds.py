@@ -46,7 +46,7 @@ _GATE_KEYS = ("metric", "aggregate", "min", "max", "over", "mode", "enabled", "d
               "excuse_near_ties",
               "relative_to", "conservative")
 _TOP_KEYS = ("schema_version", "precision", "performance", "platforms", "models",
-             "configurations", "reference", "localize", "layer_gates")
+             "configurations", "reference", "localize", "layer_gates", "quantization")
 _PRECISION_KEYS = ("gates", "prompt_gates", "near_tie_margin", "strict")
 _PERFORMANCE_KEYS = ("grid", "warmup_rounds", "rounds", "max_cv", "gates")
 _GRID_KEYS = ("mode", "input_len", "output_len")
@@ -107,6 +107,7 @@ class ThresholdsFile:
         merged: dict[str, Any] = {
             "precision": copy.deepcopy(data.get("precision", {})),
             "performance": copy.deepcopy(data.get("performance", {})),
+            "quantization": copy.deepcopy(data.get("quantization", {})),
         }
         sections = []
         if platform and platform in data.get("platforms", {}):
@@ -140,6 +141,8 @@ class ThresholdsFile:
             warmup_rounds=int(performance.get("warmup_rounds", 1)),
             rounds=int(performance.get("rounds", 3)),
             max_cv=float(performance.get("max_cv", 0.1)),
+            quantization_gates=_build_gates(merged["quantization"].get("gates", {}),
+                                            "quantization.gates", "run", where),
         )
 
     def _every_platform(self, model: str | None) -> list[Thresholds]:
@@ -148,6 +151,10 @@ class ThresholdsFile:
     def gate_names(self, model: str | None) -> list[str]:
         """Every precision gate name the file can produce, on any platform, for this model."""
         return list({g.name: None for t in self._every_platform(model) for g in t.gates})
+
+    def quantization_gate_names(self, model: str | None) -> list[str]:
+        return list({g.name: None for t in self._every_platform(model)
+                     for g in t.quantization_gates})
 
     def prompt_gate_views(self, model: str | None) -> set[str]:
         """The views some per-prompt gate reads, on any platform, for this model."""
@@ -329,11 +336,23 @@ def _validate_document(data: Mapping[str, Any], source: str) -> None:
     if not isinstance(models, Mapping):
         raise _fail(source, "models", f"must be a table, got {_type_name(models)}")
     for name, section in models.items():
-        _check_keys(section, ("precision", "performance"), source, f'models."{name}"')
+        _check_keys(section, ("precision", "performance", "quantization"), source,
+                    f'models."{name}"')
         _validate_section(section, source, f'models."{name}".', full=False)
 
 
 def _validate_section(data: Mapping[str, Any], source: str, prefix: str, full: bool) -> None:
+    quantization = data.get("quantization", {})
+    _check_keys(quantization, ("gates",), source, f"{prefix}quantization")
+    tables = quantization.get("gates", {})
+    _check_keys(tables, tables.keys() if isinstance(tables, Mapping) else (), source,
+                f"{prefix}quantization.gates")
+    for name, gate in tables.items():
+        where = f"{prefix}quantization.gates.{name}"
+        _validate_gate(gate, PRECISION_METRICS, source, where, full)
+        if isinstance(gate, Mapping) and gate.get("relative_to"):
+            raise _fail(source, where, "relative_to has no floor to read here: the "
+                        "quantization is judged against the float32 original alone")
     precision = data.get("precision", {})
     _check_keys(precision, _PRECISION_KEYS, source, f"{prefix}precision")
     if "near_tie_margin" in precision and not (

@@ -19,6 +19,7 @@ import gc
 import inspect
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from llm_parity.compare.answers import Decoded, NextToken, next_token_from_logit
 from llm_parity.engines._torch import resolve_device, torch_dtype, transformers_dtype_kwarg
 from llm_parity.engines.base import Engine, EngineSpec, Timing
 from llm_parity.engines.progress import advance, announce, settle
+from llm_parity.engines.quantized import load_emulated, read_scheme
 from llm_parity.errors import EngineError
 
 # The most bytes of float32 logits one batched call may hold, and the most padded tokens it
@@ -146,10 +148,20 @@ class HfEngine(Engine):
         self.device = resolve_device(spec.device, spec.role)
         kwargs = {transformers_dtype_kwarg(): torch_dtype(spec.dtype)}
         kwargs.update(copy.deepcopy(spec.options))  # from_pretrained rewrites max_memory
+        # A quantized checkpoint is run as its scheme says (engines/quantized.py), never
+        # through whatever kernel an installed quantization library would pick.
+        self.scheme = read_scheme(Path(spec.model)) if Path(spec.model).is_dir() else None
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                spec.model, trust_remote_code=spec.trust_remote_code, **kwargs
-            )
+            if self.scheme is not None:
+                if "device_map" in spec.options:
+                    raise EngineError(f"{spec.role}: a quantized checkpoint is run on one "
+                                      "device; drop device_map")
+                model = load_emulated(spec.model, self.scheme, torch_dtype(spec.dtype),
+                                      spec.trust_remote_code, transformers_dtype_kwarg())
+            else:
+                model = AutoModelForCausalLM.from_pretrained(
+                    spec.model, trust_remote_code=spec.trust_remote_code, **kwargs
+                )
         except (OSError, ValueError, ImportError) as exc:
             raise EngineError(f"{spec.role}: transformers cannot load {spec.model}: {exc}") from exc
         if "device_map" in spec.options:
@@ -176,6 +188,9 @@ class HfEngine(Engine):
                                 "dtype": self.spec.dtype}
         if self.spec.options:
             info["options"] = {k: v for k, v in self.spec.options.items()}
+        if self.scheme is not None:
+            info["quantization"] = {**self.scheme.describe(), "run_as": (
+                "weights dequantized, activations rounded as the scheme says")}
         if self.placement:
             counts: dict[str, int] = {}
             for where in self.placement.values():

@@ -19,6 +19,11 @@ class ParitySuite(pytest.Module):
         # "NOTSET" item, which pytest makes of an empty parametrization).
         from llm_parity.pytest_plugin.state import parity_session
 
-        gates = parity_session(self.config).settings.thresholds_file.layer_gates.gates
+        session = parity_session(self.config)
+        gates = session.settings.thresholds_file.layer_gates.gates
+        # Likewise the quantization gates, collected for a quantized candidate beside an
+        # unquantized original only.
+        quantized = session.quantization_gate_names()
         return [i for i in super().collect()
-                if gates or getattr(i, "originalname", None) != "test_layer_gate"]
+                if (gates or getattr(i, "originalname", None) != "test_layer_gate")
+                and (quantized or getattr(i, "originalname", None) != "test_quantization_gate")]

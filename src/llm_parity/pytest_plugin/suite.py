@@ -36,6 +36,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("depth_prompt_id", session.depth_prompt_ids())
     if "gate_name" in metafunc.fixturenames:
         metafunc.parametrize("gate_name", session.gate_names())
+    if "quantization_gate_name" in metafunc.fixturenames:
+        metafunc.parametrize("quantization_gate_name", session.quantization_gate_names())
     if "layer_gate_name" in metafunc.fixturenames:
         # One capture, of one configuration (the one localized): no configuration prefix.
         metafunc.parametrize("layer_gate_name",
@@ -106,23 +108,46 @@ def test_decode(parity_run, parity_configuration, depth_prompt_id, request):
 def test_gate(parity_run, parity_configuration, gate_name, request):
     """One gate across every prompt."""
     precision = _judged(parity_run, parity_configuration, request)
+    if _check_gate(precision, gate_name, request):
+        return
+    pytest.skip(f"gate {gate_name} is not among the gates for platform "
+                f"{parity_run.candidate.get('device')} and model {parity_run.reference_model.name}")
+
+
+def _check_gate(precision, gate_name: str, request, what: str = "gate") -> bool:
+    """Judge one gate of `precision` as this test's outcome; False when it has no such gate."""
     found = [r for r in precision.gate_results if r.gate.name == gate_name]
     if found:
         result = found[0]
         for key, value in result.as_dict().items():
             request.node.user_properties.append((key, value))
         if not result.passed:
-            pytest.fail(gate_failure_message(result, precision), pytrace=False)
-        return
+            message = gate_failure_message(result, precision)
+            pytest.fail(message if what == "gate" else f"{what} {message}", pytrace=False)
+        return True
     not_judged = next((n for n in precision.not_judged if n.gate.name == gate_name), None)
-    if not_judged is not None:
-        request.node.user_properties += [("judged", False), ("reason", not_judged.reason)]
-        message = f"gate {gate_name} was not judged: {not_judged.reason}"
-        if not_judged.strict:
-            pytest.fail(message + " (strict = true in [precision])", pytrace=False)
-        pytest.skip(message)
-    pytest.skip(f"gate {gate_name} is not among the gates for platform "
-                f"{parity_run.candidate.get('device')} and model {parity_run.reference_model.name}")
+    if not_judged is None:
+        return False
+    request.node.user_properties += [("judged", False), ("reason", not_judged.reason)]
+    message = f"{what} {gate_name} was not judged: {not_judged.reason}"
+    if not_judged.strict:
+        pytest.fail(message + " (strict = true in [precision])", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.mark.precision
+def test_quantization_gate(parity_run, quantization_gate_name, request):
+    """What the quantization costs: the float32 run of the quantized weights against the
+    unquantized original, one gate across every prompt (runner/quantization.py). The port
+    itself is judged by every other test, against the quantized weights."""
+    quant = parity_run.quantization
+    if quant is None or quant.result is None:
+        pytest.skip("the quantization question was not asked"
+                    + (f": {quant.reason}" if quant is not None and quant.reason else ""))
+    request.node.user_properties.append(("question", "quantization"))
+    if not _check_gate(quant.result, quantization_gate_name, request, "quantization gate"):
+        pytest.skip(f"quantization gate {quantization_gate_name} is not among the gates for "
+                    f"model {parity_run.reference_model.name}")
 
 
 @pytest.mark.precision

@@ -323,3 +323,41 @@ def _times(ratio: float) -> str:
 
 def _ms(value: Any) -> str:
     return "n/a" if value is None else f"{value:.3g}" if value < 100 else f"{value:,.0f}"
+
+
+def quantization_section(data: dict[str, Any]) -> list[Block]:
+    """A quantized candidate's two questions, apart: the port (every gate above, against
+    the quantized weights) and what the quantization costs against the original."""
+    block = data.get("quantization")
+    if not block:
+        return []
+    scheme, port, cost = block["scheme"], block["port"], block["quantization"]
+    blocks: list[Block] = [Heading(2, "Quantization"), Para(
+        f"The candidate is quantized: {scheme['scheme']} ({scheme['method']}, "
+        f"{scheme['format']}), weights {scheme['weights']}, activations "
+        f"{scheme['activations']}; kept unquantized: "
+        f"{', '.join(scheme.get('ignore') or []) or 'nothing'}. It is judged twice.")]
+    rows = [["the port", f"the candidate against {port['reference']}",
+             Status(port["verdict"].upper() if port["verdict"] != "pass" else "pass",
+                    port["verdict"] == "pass"),
+             ", ".join(port["failed_gates"]) or "-"]]
+    if cost.get("judged"):
+        rows.append(["the quantization",
+                     f"the float32 run of the quantized weights against the unquantized "
+                     f"original ({cost['original']})",
+                     Status("pass" if cost["verdict"] == "pass" else "FAIL",
+                            cost["verdict"] == "pass"),
+                     ", ".join(cost.get("failed_gates") or []) or "-"])
+    else:
+        rows.append(["the quantization", "not judged", Status("-", None),
+                     str(cost.get("reason"))])
+    blocks.append(Table(["question", "compared", "result", "failed gates"], rows))
+    if cost.get("gates"):
+        blocks.append(Para("What the quantization costs, by the [quantization] gates:"))
+        blocks.append(Table(["gate", "over", "metric", "aggregate", "threshold", "measured",
+                             "result"], [
+            [g["name"], g.get("over", "first_token"), g["metric"], g["aggregate"],
+             bound_text(g), value_text(g["value"]),
+             Status("pass" if g["passed"] else "FAIL", g["passed"])] for g in cost["gates"]],
+            numeric={4, 5}))
+    return blocks

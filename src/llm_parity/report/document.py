@@ -30,6 +30,7 @@ from llm_parity.report.details import (
     error_analysis_section,
     performance_section,
     prompts_section,
+    quantization_section,
 )
 from llm_parity.report.messages import ratio
 from llm_parity.report.render import to_html, to_markdown
@@ -91,6 +92,7 @@ def build_blocks(data: dict[str, Any], generated: str | None = None) -> list[Blo
         blocks += _environment(data)
         return blocks
     blocks.append(_banner(data))
+    blocks += quantization_section(data)
     blocks += _gates(data)
     blocks += _configurations(data)
     blocks += _localization(data)

@@ -35,12 +35,14 @@ def precision_summary(data: Mapping[str, Any]) -> list[str]:
         lines.append(f"prompts split across {candidate['workers']} workers (pytest-xdist), "
                      "judged together")
     lines.append("")
+    lines += quantization_lines(data)
     configurations = data.get("configurations")
     if configurations:
         lines.append(f"gates of the base configuration, {configurations['base']}:")
     lines += _gates_table(data.get("gates") or [])
     lines += configuration_lines(data)
     lines += layer_gate_lines(data)
+    lines += quantization_gate_lines(data)
     for gate in data.get("gates") or []:
         if gate.get("note"):
             lines.append(f"note: {gate['name']}: {gate['note']}")
@@ -83,6 +85,32 @@ def precision_summary(data: Mapping[str, Any]) -> list[str]:
         lines.append("time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s"
                                           for k, v in timings.items()))
     return lines
+
+
+def quantization_lines(data: Mapping[str, Any]) -> list[str]:
+    """A quantized candidate's two questions, said before the port's gates."""
+    block = data.get("quantization")
+    if not block:
+        return []
+    scheme, port, cost = block["scheme"], block["port"], block["quantization"]
+    lines = [f"quantized candidate: {scheme['scheme']} ({scheme['method']}, weights "
+             f"{scheme['weights']}, activations {scheme['activations']})",
+             f"  the port: {port['verdict'].upper()}, judged by the gates below against "
+             f"{port['reference']}"]
+    if cost.get("judged"):
+        lines.append(f"  the quantization: {cost['verdict'].upper()}, the quantized weights "
+                     f"against the unquantized original {cost['original']} (gates below)")
+    else:
+        lines.append(f"  the quantization: not judged: {cost.get('reason')}")
+    return lines + [""]
+
+
+def quantization_gate_lines(data: Mapping[str, Any]) -> list[str]:
+    cost = (data.get("quantization") or {}).get("quantization") or {}
+    if not cost.get("gates"):
+        return []
+    return ["", "quantization gates (the float32 run of the quantized weights against the "
+                "unquantized original's):", *_gates_table(cost["gates"])]
 
 
 def layer_gate_lines(data: Mapping[str, Any]) -> list[str]:

@@ -102,9 +102,11 @@ def verdict_dict(session: ParitySession) -> dict[str, Any]:
         prompts.append(entry)
     configurations = configurations_dict(run)
     layer_gates, layer_not_judged = layer_gate_entries(run)
-    passed = precision.passed and all(c["verdict"] == "pass"
-                                      for c in (configurations or {}).get("entries", [])) \
+    port_passed = precision.passed and all(c["verdict"] == "pass"
+                                           for c in (configurations or {}).get("entries", [])) \
         and not layer_gate_failures(layer_gates, layer_not_judged)
+    quant = run.quantization
+    passed = port_passed and (quant is None or quant.passed)
     out = {
         "schema_version": SCHEMA_VERSION,
         "verdict": "pass" if passed else ("error" if precision.nothing_judged else "fail"),
@@ -140,6 +142,18 @@ def verdict_dict(session: ParitySession) -> dict[str, Any]:
         out["configurations"] = configurations
     if run.localization is not None:
         out["localization"] = run.localization.as_dict()
+    if quant is not None:
+        if quant.original is not None:
+            out["model"] = quant.original.name  # the model asked for, not its quantized copy
+        failed = [g["name"] for g in out["gates"] if not g["passed"]]
+        out["quantization"] = {
+            "scheme": quant.scheme.describe(),
+            "port": {"verdict": "pass" if port_passed else "fail",
+                     "reference": f"the float32 run of {quant.checkpoint}'s quantized weights "
+                                  "(its floor: the same weights in bfloat16)",
+                     "failed_gates": failed},
+            "quantization": quant.as_dict(),
+        }
     return out
 
 
@@ -273,7 +287,18 @@ def full_verdict(session: ParitySession, perf_run: Any = None,
                    if c["verdict"] != "pass"]
         layer = layer_gate_failures(data.get("layer_gates") or [], data.get("not_judged") or [])
         run = session.run
-        if not failing and not (layer and run is not None and run.precision.passed):
+        quant = (data.get("quantization") or {})
+        cost = quant.get("quantization") or {}
+        port = quant.get("port")
+        if port is not None:  # a quantized candidate: say which question failed
+            if port["verdict"] != "pass":
+                reasons.append("the port failed, judged against its own quantized weights")
+            if cost.get("verdict") == "fail":
+                reasons.append("the quantization failed its gates against the unquantized "
+                               "original: " + ", ".join(cost["failed_gates"]))
+        if port is not None and port["verdict"] == "pass":
+            pass
+        elif not failing and not (layer and run is not None and run.precision.passed):
             reasons.append("precision gates failed")
         if layer:
             reasons.append(f"layer gates failed: {', '.join(layer)}")

@@ -30,6 +30,7 @@ from llm_parity.engines.base import (
 from llm_parity.errors import AnswerError, EngineError, ParityInputError
 from llm_parity.runner.floor import floor_skip_reason
 from llm_parity.runner.models import ResolvedModel, checkpoint_card, resolve_model
+from llm_parity.runner.quantization import plan as quantization_plan
 
 
 @dataclass
@@ -57,6 +58,8 @@ class Run:
     # The depth views' scored sequences (prompt + the reference's continuation), by prompt.
     sequences: dict[str, list[int]] = field(default_factory=dict)
     localization: Any = None  # runner/localize.py's LocalizationRun, once it has run
+    # A quantized candidate's quantization question (runner/quantization.py), else None.
+    quantization: Any = None
 
     def configuration(self, name: str) -> ConfigurationRun:
         return next(c for c in self.configurations if c.name == name)
@@ -107,6 +110,9 @@ def run_precision(settings: Settings, environment: dict[str, Any],
         if settings.candidate_model
         else reference_model
     )
+    # A quantized candidate beside its unquantized original: the port is judged against
+    # the candidate's own weights, the quantization against the original (two questions).
+    reference_model, quantization = quantization_plan(reference_model, candidate_model)
     card = checkpoint_card(reference_model.path)
     backend = resolve_candidate_backend(settings.candidate)
 
@@ -155,6 +161,12 @@ def run_precision(settings: Settings, environment: dict[str, Any],
             settings.prompts,
             token_ids,
         )
+    if quantization is not None and quantization.original is not None:
+        from llm_parity.runner.tokenization import check_same_tokenization
+
+        check_same_tokenization(
+            tokenizer, load_tokenizer(quantization.original.path, settings.trust_remote_code),
+            settings.prompts, token_ids)
     timings["prepare_s"] = time.perf_counter() - started
 
     # Depth: the first-token prompts and the long-context set, continued by the reference.
@@ -179,6 +191,19 @@ def run_precision(settings: Settings, environment: dict[str, Any],
         if store is not None:
             store.save(key, reference, reference_info)
             reference_info = {**reference_info, "store": str(store.path)}
+    if quantization is not None:
+        from llm_parity.runner import quantization as quantized
+        from llm_parity.runner.tokenization import token_text
+
+        quantized.ask(quantization, settings, _run_engine, reference_spec, token_ids, depth, k,
+                      reference, settings.thresholds(None, settings.model or reference_model.name),
+                      lambda token: token_text(tokenizer, token),
+                      lambda tokens: tokenizer.decode(list(tokens), skip_special_tokens=False),
+                      lambda spec: _reference_store(
+                          replace(settings, reference_store=settings.reference_store / "original")
+                          if settings.reference_store else settings,
+                          quantization.original, card, token_ids, depth, spec))
+        timings.update(quantization.timings)
     reference_decoded = reference.get("decoded")
     depth_sequences = (
         [ids + d.token_ids for ids, d in zip(depth[1], reference_decoded)] if depth else []
@@ -273,6 +298,7 @@ def run_precision(settings: Settings, environment: dict[str, Any],
         candidate_spec=candidate_spec,
         sequences={p.id: list(ids) for p, ids in zip(depth[0], depth_sequences)} if depth
         else {},
+        quantization=quantization,
     )
 
 

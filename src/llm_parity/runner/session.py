@@ -40,6 +40,23 @@ class ParitySession:
         """Every gate name the file can produce, on any platform, for this model."""
         return self.settings.thresholds_file.gate_names(self.settings.model)
 
+    def quantization_gate_names(self) -> list[str]:
+        """The quantization gates, when the candidate is a quantized checkpoint beside an
+        unquantized --model (read from the config files, nothing loaded); else none."""
+        from pathlib import Path
+
+        from llm_parity.engines.quantized import read_scheme
+        from llm_parity.runner.toymodel import toy_model_dir
+
+        settings = self.settings
+        candidate = Path(settings.candidate_model) if settings.candidate_model else None
+        if candidate is None or not candidate.is_dir() or read_scheme(candidate) is None:
+            return []
+        model = Path(settings.model) if settings.model else toy_model_dir()
+        if model.is_dir() and read_scheme(model) is not None:
+            return []
+        return settings.thresholds_file.quantization_gate_names(settings.model)
+
     def depth_prompt_ids(self) -> list[str]:
         return [p.id for p in self.settings.depth_prompts()]
 
