@@ -68,9 +68,11 @@ def test_hf_candidate_passes_with_every_value_recorded(pytester, read_json):
     # --localize always: a passing port is localized too, and names nothing.
     result = run_suite(pytester, "--candidate", "hf", "--localize", "always")
     assert result.ret == 0, result.stdout.str()
-    result.assert_outcomes(passed=suite_size())
+    result.assert_outcomes(passed=suite_size())  # no quantization gate collected
     out = result.stdout.str()
     assert "verdict: PASS" in out and "candidate: hf on cpu in bfloat16" in out
+    assert "quantiz" not in out and "original_load_s" not in \
+        (pytester.path / "verdict.json").read_text()
 
     cases = junit_cases(pytester.path / "junit.xml")
     outcome, props = cases["test_prompt[rag-01]"]

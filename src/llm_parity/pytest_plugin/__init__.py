@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from llm_parity.config.options import OPTIONS, build_settings
-from llm_parity.errors import SettingsError
+from llm_parity.errors import ModelError, SettingsError
 from llm_parity.pytest_plugin.state import (
     OUTCOMES_KEY,
     PERF_KEY,
@@ -89,6 +89,10 @@ def pytest_configure(config: pytest.Config) -> None:
     except SettingsError as exc:
         raise pytest.UsageError(f"llm-parity: {exc}") from None
     session = ParitySession(settings)
+    try:  # a quantized candidate whose scheme cannot be read stops here, before any model
+        session.quantization_gate_names()
+    except ModelError as exc:
+        raise pytest.UsageError(f"llm-parity: {exc}") from None
     config.stash[SESSION_KEY] = session
     outcomes = config.stash[OUTCOMES_KEY] = SuiteOutcomes()
     config.pluginmanager.register(outcomes, "llm-parity-outcomes")

