@@ -27,8 +27,8 @@ def w8a8(tmp_path_factory):
 
 
 def test_the_checkpoint_holds_int8_weights_with_one_scale_per_output_channel(w8a8):
-    from safetensors.torch import load_file
     import torch
+    from safetensors.torch import load_file
 
     scheme = read_scheme(w8a8)
     assert scheme.name == "w8a8" and scheme.weight_strategy == "channel"
