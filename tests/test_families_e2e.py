@@ -11,17 +11,15 @@ tests. A broken port is a checkpoint edit from the family catalogue
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import junit_cases, needs_vllm
+from conftest import SuiteRun, lane_env, needs_vllm
 
 from llm_parity.testing.family_mutants import FAMILY_CATALOGUE, family_mutant
 
@@ -50,26 +48,10 @@ VLLM_CPU_ROTARY_BUG = "0.32.0"
 OPTIONS = {"gemma3": ["--long-prompts", "none", "--continuation", "8"]}
 
 
-@dataclass
-class SuiteRun:
-    path: Path
-    ret: int
-    out: str
-
-    @property
-    def verdict(self) -> dict:
-        return json.loads((self.path / "verdict.json").read_text())
-
-    @property
-    def junit(self) -> dict:
-        return junit_cases(self.path / "junit.xml")
-
-
 def _suite(path: Path, model: Path, store: Path, core: int, backend: str,
            candidate: Path | None = None, fault: str = "", extra=()) -> SuiteRun:
     path.mkdir(parents=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": str(core),
-           "LLM_PARITY_VLLM_FAULT": fault}
+    env = lane_env(core, LLM_PARITY_VLLM_FAULT=fault)
     command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "precision",
                f"--model={model}", "--candidate", backend, f"--reference-store={store}",
                "--parity-json=verdict.json", "--junitxml", "junit.xml", *extra]

@@ -125,10 +125,13 @@ def test_transformers_runs_the_quantized_checkpoint_as_its_scheme_says(w8a8):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from llm_parity.engines._torch import transformers_dtype_kwarg
     from llm_parity.engines.quantized import load_emulated
 
-    emulated = load_emulated(str(w8a8), read_scheme(w8a8), torch.float32, False, "dtype")
-    original = AutoModelForCausalLM.from_pretrained(str(toy_model_dir()), dtype=torch.float32)
+    dtype = transformers_dtype_kwarg()
+    emulated = load_emulated(str(w8a8), read_scheme(w8a8), torch.float32, False, dtype)
+    original = AutoModelForCausalLM.from_pretrained(str(toy_model_dir()),
+                                                    **{dtype: torch.float32})
     layer = emulated.model.layers[1].mlp.down_proj
     x = torch.randn(3, layer.in_features)
     wq, ws = quantize_weight(original.model.layers[1].mlp.down_proj.weight)

@@ -11,17 +11,15 @@ at a time, a core each.
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import junit_cases, needs_vllm
+from conftest import SuiteRun, lane_env, needs_vllm
 
 from llm_parity.runner.quantize import quantize_checkpoint
 from llm_parity.runner.toymodel import toy_model_dir
@@ -39,27 +37,11 @@ FAULTS = {
 }
 
 
-@dataclass
-class SuiteRun:
-    path: Path
-    ret: int
-    out: str
-
-    @property
-    def verdict(self) -> dict:
-        return json.loads((self.path / "verdict.json").read_text())
-
-    @property
-    def junit(self) -> dict:
-        return junit_cases(self.path / "junit.xml")
-
-
 def _suite(path: Path, candidate: Path, store: Path, fault: str = "",
            core: int | None = None) -> SuiteRun:
     path.mkdir(parents=True)
-    env = {**os.environ, "LLM_PARITY_VLLM_FAULT": fault}
-    if core is not None:
-        env.update(OMP_NUM_THREADS="1", VLLM_CPU_OMP_THREADS_BIND=str(core))
+    env = {**os.environ, "LLM_PARITY_VLLM_FAULT": fault} if core is None else \
+        lane_env(core, LLM_PARITY_VLLM_FAULT=fault)
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "precision",
          "--candidate", "vllm", "--configurations", "eager", f"--candidate-model={candidate}",

@@ -193,16 +193,14 @@ def run_precision(settings: Settings, environment: dict[str, Any],
             reference_info = {**reference_info, "store": str(store.path)}
     if quantization is not None:
         from llm_parity.runner import quantization as quantized
-        from llm_parity.runner.tokenization import token_text
 
-        quantized.ask(quantization, settings, _run_engine, reference_spec, token_ids, depth, k,
-                      reference, settings.thresholds(None, settings.model or reference_model.name),
-                      lambda token: token_text(tokenizer, token),
-                      lambda tokens: tokenizer.decode(list(tokens), skip_special_tokens=False),
-                      lambda spec: _reference_store(
-                          replace(settings, reference_store=settings.reference_store / "original")
-                          if settings.reference_store else settings,
-                          quantization.original, card, token_ids, depth, spec))
+        original_settings = replace(settings, reference_store=settings.reference_store
+                                    / "original") if settings.reference_store else settings
+        quantized.ask(quantization, settings, _run_engine, reference_spec, tokenizer, token_ids,
+                      depth, k, reference,
+                      settings.thresholds(None, settings.model or reference_model.name),
+                      lambda spec: _reference_store(original_settings, quantization.original,
+                                                    card, token_ids, depth, spec))
         timings.update(quantization.timings)
     reference_decoded = reference.get("decoded")
     depth_sequences = (

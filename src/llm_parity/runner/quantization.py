@@ -73,8 +73,8 @@ def plan(reference: ResolvedModel, candidate: ResolvedModel
 
 
 def ask(quant: QuantizationRun, settings: Any, run_engine: Any, reference_spec: Any,
-        token_ids: list[list[int]], depth: Any, k: int, quantized: dict[str, Any],
-        thresholds: Any, decode: Any, text: Any, store_for: Any) -> None:
+        tokenizer: Any, token_ids: list[list[int]], depth: Any, k: int,
+        quantized: dict[str, Any], thresholds: Any, store_for: Any) -> None:
     """The quantization question: the original's float32 answers against `quantized` (the
     port reference's, first token and greedy continuation), judged by the quantization
     gates. `run_engine` is the precision run's own engine runner; `store_for(spec)` gives
@@ -96,6 +96,14 @@ def ask(quant: QuantizationRun, settings: Any, run_engine: Any, reference_spec: 
                                     "original")
         if store is not None:
             store.save(key, original, info)
+    from llm_parity.runner.tokenization import token_text
+
+    def decode(token: int) -> str:
+        return token_text(tokenizer, token)
+
+    def text(tokens) -> str:
+        return tokenizer.decode(list(tokens), skip_special_tokens=False)
+
     started = time.perf_counter()
     margin = thresholds.near_tie_margin
     views = {"first_token": compare_prompts(
