@@ -177,9 +177,16 @@ def test_a_quantized_candidate_is_judged_twice_and_the_three_outputs_agree(
     assert cost["judged"] and cost["verdict"] == "pass"
     assert cost["original"] == str(toy_model_dir()) and verdict["model"] == "llm-parity/toy"
     assert 0 < cost["aggregate"]["kl_mean"] < 0.05
-    # The port's reference is the quantized checkpoint, run as its scheme says.
+    # The port's reference is the quantized checkpoint, run as its scheme says; its gates
+    # are those read against the floor, the absolute ones left out and skipped, saying so.
     assert verdict["reference"]["quantization"]["scheme"] == "w8a8"
-    assert _quantization_tests(junit_cases(pytester.path / "junit.xml")) == {
+    assert "kl_mean" in block["port"]["left_out"] and "kl_vs_floor" not in block["port"]["left_out"]
+    assert {g["name"] for g in verdict["gates"]} == {
+        "kl_vs_floor", "sequence_kl_vs_floor", "decode_kl_vs_floor", "sequence_tail_vs_floor"}
+    cases = junit_cases(pytester.path / "junit.xml")
+    assert cases["test_gate[kl_mean]"][0] == "skipped"
+    assert cases["test_gate[kl_vs_floor]"][0] == "passed"
+    assert _quantization_tests(cases) == {
         f"test_quantization_gate[{g}]": "passed"
         for g in ("kl_mean", "top1_match_rate", "decode_kl_mean")}
     out = result.stdout.str()

@@ -352,6 +352,11 @@ def quantization_section(data: dict[str, Any]) -> list[Block]:
         rows.append(["the quantization", "not judged", Status("-", None),
                      str(cost.get("reason"))])
     blocks.append(Table(["question", "compared", "result", "failed gates"], rows))
+    if port.get("left_out"):
+        blocks.append(Para("The port is judged by the gates read against its floor: those "
+                           "with an absolute bound, set for bf16 rounding, are left out "
+                           f"({', '.join(port['left_out'])}), since rounding activations to "
+                           "int8 in bf16 moves the floor itself past them."))
     if cost.get("gates"):
         blocks.append(Para("What the quantization costs, by the [quantization] gates:"))
         blocks.append(Table(["gate", "over", "metric", "aggregate", "threshold", "measured",

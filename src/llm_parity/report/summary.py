@@ -96,7 +96,9 @@ def quantization_lines(data: Mapping[str, Any]) -> list[str]:
     lines = [f"quantized candidate: {scheme['scheme']} ({scheme['method']}, weights "
              f"{scheme['weights']}, activations {scheme['activations']})",
              f"  the port: {port['verdict'].upper()}, judged by the gates below against "
-             f"{port['reference']}"]
+             f"{port['reference']}; the gates with an absolute bound are left out (int8 "
+             f"rounding moves the floor itself past them): "
+             f"{', '.join(port.get('left_out') or []) or 'none'}"]
     if cost.get("judged"):
         lines.append(f"  the quantization: {cost['verdict'].upper()}, the quantized weights "
                      f"against the unquantized original {cost['original']} (gates below)")

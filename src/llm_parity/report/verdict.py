@@ -151,7 +151,8 @@ def verdict_dict(session: ParitySession) -> dict[str, Any]:
             "port": {"verdict": "pass" if port_passed else "fail",
                      "reference": f"the float32 run of {quant.checkpoint}'s quantized weights "
                                   "(its floor: the same weights in bfloat16)",
-                     "failed_gates": failed},
+                     "failed_gates": failed,
+                     "left_out": list(quant.left_out)},
             "quantization": quant.as_dict(),
         }
     return out

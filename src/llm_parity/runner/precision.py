@@ -251,6 +251,8 @@ def run_precision(settings: Settings, environment: dict[str, Any],
         if compare is None:
             thresholds = settings.thresholds(platform_of(candidate_info["device"]),
                                              settings.model or reference_model.name)
+            if quantization is not None:  # a quantized port: judged against its floor
+                thresholds = quantization.port_thresholds(thresholds)
             compare = _Comparison(settings, tokenizer, token_ids, depth, reference,
                                   thresholds, k)
             noise_floor = floor_of_run(settings, thresholds, store, key, reference_spec,
