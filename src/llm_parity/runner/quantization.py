@@ -45,8 +45,8 @@ class QuantizationRun:
         kept = replace(thresholds,
                        gates=tuple(g for g in thresholds.gates if g.relative_to),
                        prompt_gates=tuple(g for g in thresholds.prompt_gates if g.relative_to))
-        self.left_out = tuple(g.name for g in (*thresholds.gates, *thresholds.prompt_gates)
-                              if not g.relative_to)
+        self.left_out = tuple(dict.fromkeys(
+            g.name for g in (*thresholds.gates, *thresholds.prompt_gates) if not g.relative_to))
         return kept
 
     @property
