@@ -74,8 +74,18 @@ def register() -> None:
         _break_ignore_list()
 
 
-def _break_int8_kernel(faults: set[str]) -> None:
+def _int8_rounded(t, dim):
+    """t rounded to a symmetric int8 grid, one scale per row along `dim` (None: one for the
+    whole tensor), returned in t's dtype."""
     import torch
+
+    wide = t.float()
+    amax = wide.abs().amax() if dim is None else wide.abs().amax(dim=dim, keepdim=True)
+    step = (amax / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
+    return (torch.round(wide / step).clamp(-127, 127) * step).to(t.dtype)
+
+
+def _break_int8_kernel(faults: set[str]) -> None:
     from vllm.model_executor.kernels.linear.scaled_mm import cpu
 
     kernel = cpu.CPUInt8ScaledMMLinearKernel
@@ -94,8 +104,7 @@ def _break_int8_kernel(faults: set[str]) -> None:
 
     def apply_weights(self, layer, x, bias=None):
         if "w8a8_per_tensor" in faults:
-            step = (x.float().abs().amax() / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
-            x = (torch.round(x.float() / step).clamp(-128, 127) * step).to(x.dtype)
+            x = _int8_rounded(x, None)
         return apply(self, layer, x, bias)
 
     process_weights_after_loading._llm_parity_fault = True
@@ -104,29 +113,23 @@ def _break_int8_kernel(faults: set[str]) -> None:
 
 
 def _break_ignore_list() -> None:
-    import torch
     from vllm.model_executor.layers import linear
 
     method = linear.UnquantizedLinearMethod
     if getattr(method.apply, "_llm_parity_fault", False):
         return
     process, apply = method.process_weights_after_loading, method.apply
-    tiny = torch.finfo(torch.float32).tiny
-
-    def rounded(t, dim):
-        step = (t.float().abs().amax(dim=dim, keepdim=True) / 127.0).clamp(min=tiny)
-        return (torch.round(t.float() / step).clamp(-127, 127) * step).to(t.dtype)
 
     # Only the decoder blocks' projections: embeddings and the head stay as they are. The
     # weights are rounded before the CPU path packs them.
     def process_weights_after_loading(self, layer):
         if ".layers." in getattr(layer, "prefix", ""):
-            layer.weight.data.copy_(rounded(layer.weight.data, 1))
+            layer.weight.data.copy_(_int8_rounded(layer.weight.data, 1))
         return process(self, layer)
 
     def quantized_anyway(self, layer, x, bias=None):
         if ".layers." in getattr(layer, "prefix", ""):
-            x = rounded(x, -1)
+            x = _int8_rounded(x, -1)
         return apply(self, layer, x, bias)
 
     quantized_anyway._llm_parity_fault = True
