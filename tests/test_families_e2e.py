@@ -11,7 +11,6 @@ tests. A broken port is a checkpoint edit from the family catalogue
 
 from __future__ import annotations
 
-import os
 import queue
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import SuiteRun, lane_env, needs_vllm
+from conftest import SuiteRun, lane_env, needs_vllm, own_cores
 
 from llm_parity.testing.family_mutants import FAMILY_CATALOGUE, family_mutant
 
@@ -69,7 +68,7 @@ def runs(tmp_path_factory, gemma3_checkpoint) -> dict[str, dict[str, SuiteRun]]:
     store; families two at a time."""
     where = tmp_path_factory.mktemp("families")
     cores: queue.Queue = queue.Queue()
-    for core in sorted(os.sched_getaffinity(0))[:2]:
+    for core in own_cores()[:2]:
         cores.put(core)
 
     def family_runs(family: str) -> dict[str, SuiteRun]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import junit_cases, needs_vllm
+from conftest import junit_cases, needs_vllm, own_cores
 
 pytestmark = pytest.mark.engine
 
@@ -186,7 +186,7 @@ def runs(tmp_path_factory):
     pytest.importorskip("psutil")
     where = tmp_path_factory.mktemp("interrupted")
     cores: queue.Queue = queue.Queue()
-    for core in sorted(os.sched_getaffinity(0))[:2]:
+    for core in own_cores()[:2]:
         cores.put(core)
     cases = [(phase, signame) for phase in reversed(PHASES) for signame in SIGNALS]
 

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import SuiteRun, lane_env, needs_vllm
+from conftest import SuiteRun, lane_env, needs_vllm, own_cores
 
 from llm_parity.runner.quantize import quantize_checkpoint
 from llm_parity.runner.toymodel import toy_model_dir
@@ -59,7 +59,7 @@ def runs(tmp_path_factory) -> dict[str, SuiteRun]:
     stores = {"w8a8": where / "store", "mixed": where / "store-mixed"}
     done = {"correct": _suite(where / "correct", models["w8a8"], stores["w8a8"])}
     cores: queue.Queue = queue.Queue()
-    for core in sorted(os.sched_getaffinity(0))[:2]:
+    for core in own_cores()[:2]:
         cores.put(core)
 
     def broken(fault: str) -> SuiteRun:
