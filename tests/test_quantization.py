@@ -17,6 +17,7 @@ from test_suite_e2e import QUICK, run_suite
 from llm_parity.config.thresholds import ThresholdsFile, packaged_thresholds_path
 from llm_parity.engines.quantized import quantize_activation, read_scheme
 from llm_parity.errors import ModelError, ThresholdsError
+from llm_parity.runner.quantization import QuantizationRun
 from llm_parity.runner.quantize import quantize_checkpoint, quantize_weight
 from llm_parity.runner.toymodel import toy_model_dir
 
@@ -161,6 +162,27 @@ def test_quantization_gates_are_validated_like_the_others():
         "kl_mean", "top1_match_rate", "decode_kl_mean"}
 
 
+def test_a_quantized_port_reads_its_own_bounds_for_the_gates_it_names():
+    packaged = ThresholdsFile.read(packaged_thresholds_path()).resolve()
+    assert dict(packaged.quantized_port_bounds) == {"sequence_kl_vs_floor": 1.5}
+    quant = QuantizationRun(scheme=None, checkpoint="q", original=None)
+    port = quant.port_thresholds(packaged)
+    gates = {g.name: g.threshold for g in port.gates}
+    assert gates["sequence_kl_vs_floor"] == 1.5 and gates["kl_vs_floor"] == 3.0
+    assert quant.bounds == {"sequence_kl_vs_floor": 1.5}
+    # A bf16 port keeps the [precision] bound.
+    assert {g.name: g.threshold for g in packaged.gates}["sequence_kl_vs_floor"] == 3.0
+    for bounds, match in (({"kl_mean": 2}, r"port_bounds\.kl_mean.*names no gate bounded by "
+                                           r"a multiple of the noise floor"),
+                          ({"sequence_kl_vs_floor": "tight"},
+                           r"port_bounds\.sequence_kl_vs_floor.*positive number")):
+        data = {"precision": {"gates": {"kl_mean": {"metric": "kl", "aggregate": "mean",
+                                                    "max": 0.01}}},
+                "quantization": {"port_bounds": bounds}}
+        with pytest.raises(ThresholdsError, match=match):
+            ThresholdsFile(data).resolve()
+
+
 def _quantization_tests(cases):
     return {n: outcome for n, (outcome, _) in cases.items()
             if n.startswith("test_quantization_gate[")}
@@ -183,6 +205,8 @@ def test_a_quantized_candidate_is_judged_twice_and_the_three_outputs_agree(
     assert "kl_mean" in block["port"]["left_out"] and "kl_vs_floor" not in block["port"]["left_out"]
     assert {g["name"] for g in verdict["gates"]} == {
         "kl_vs_floor", "sequence_kl_vs_floor", "decode_kl_vs_floor", "sequence_tail_vs_floor"}
+    assert block["port"]["bounds"] == {"sequence_kl_vs_floor": 1.5}
+    assert {g["name"]: g["threshold"] for g in verdict["gates"]}["sequence_kl_vs_floor"] == 1.5
     cases = junit_cases(pytester.path / "junit.xml")
     assert cases["test_gate[kl_mean]"][0] == "skipped"
     assert cases["test_gate[kl_vs_floor]"][0] == "passed"

@@ -176,3 +176,5 @@ class Thresholds:
     max_cv: float = 0.1
     # What a quantized checkpoint may cost against its float32 original (docs/quantized-ports.md).
     quantization_gates: tuple[Gate, ...] = ()
+    # A quantized port's own bounds for some floor-relative gates: {gate name: bound}.
+    quantized_port_bounds: tuple[tuple[str, float], ...] = ()

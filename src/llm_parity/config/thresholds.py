@@ -143,6 +143,7 @@ class ThresholdsFile:
             max_cv=float(performance.get("max_cv", 0.1)),
             quantization_gates=_build_gates(merged["quantization"].get("gates", {}),
                                             "quantization.gates", "run", where),
+            quantized_port_bounds=_port_bounds(merged, where),
         )
 
     def _every_platform(self, model: str | None) -> list[Thresholds]:
@@ -341,9 +342,34 @@ def _validate_document(data: Mapping[str, Any], source: str) -> None:
         _validate_section(section, source, f'models."{name}".', full=False)
 
 
+def _port_bounds(merged: Mapping[str, Any], where: str) -> tuple[tuple[str, float], ...]:
+    """[quantization.port_bounds]: each names one of the floor-relative run gates of
+    [precision.gates], whose bound it replaces for a quantized port."""
+    gates = merged["precision"].get("gates", {})
+    relative = [name for name, gate in gates.items()
+                if gate.get("relative_to") and "max" in gate and gate.get("enabled", True)]
+    out = []
+    for name, bound in merged["quantization"].get("port_bounds", {}).items():
+        if name not in relative:
+            raise _fail(where, f"quantization.port_bounds.{name}",
+                        "names no gate bounded by a multiple of the noise floor in "
+                        "[precision.gates]; "
+                        f"expected one of: {', '.join(relative) or 'none'}")
+        out.append((name, float(bound)))
+    return tuple(out)
+
+
 def _validate_section(data: Mapping[str, Any], source: str, prefix: str, full: bool) -> None:
     quantization = data.get("quantization", {})
-    _check_keys(quantization, ("gates",), source, f"{prefix}quantization")
+    _check_keys(quantization, ("gates", "port_bounds"), source, f"{prefix}quantization")
+    bounds = quantization.get("port_bounds", {})
+    if not isinstance(bounds, Mapping):
+        raise _fail(source, f"{prefix}quantization.port_bounds",
+                    f"must be a table of gate name = bound, got {_type_name(bounds)}")
+    for name, bound in bounds.items():
+        if not _is_number(bound) or bound <= 0:
+            raise _fail(source, f"{prefix}quantization.port_bounds.{name}",
+                        f"must be a positive number (a multiple of the floor), got {bound!r}")
     tables = quantization.get("gates", {})
     _check_keys(tables, tables.keys() if isinstance(tables, Mapping) else (), source,
                 f"{prefix}quantization.gates")

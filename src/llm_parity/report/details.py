@@ -357,6 +357,11 @@ def quantization_section(data: dict[str, Any]) -> list[Block]:
                            "with an absolute bound, set for bf16 rounding, are left out "
                            f"({', '.join(port['left_out'])}), since rounding activations to "
                            "int8 in bf16 moves the floor itself past them."))
+    if port.get("bounds"):
+        blocks.append(Para("Bounds of its own for a quantized port ([quantization.port_bounds]"
+                           " in thresholds.toml): " + ", ".join(
+                               f"{name} <= {bound:g}" for name, bound in port["bounds"].items())
+                           + "."))
     if cost.get("gates"):
         blocks.append(Para("What the quantization costs, by the [quantization] gates:"))
         blocks.append(Table(["gate", "over", "metric", "aggregate", "threshold", "measured",

@@ -99,6 +99,9 @@ def quantization_lines(data: Mapping[str, Any]) -> list[str]:
              f"{port['reference']}; the gates with an absolute bound are left out (int8 "
              f"rounding moves the floor itself past them): "
              f"{', '.join(port.get('left_out') or []) or 'none'}"]
+    if port.get("bounds"):
+        lines.append("  its own bounds ([quantization.port_bounds]): " + ", ".join(
+            f"{name} <= {bound:g}" for name, bound in port["bounds"].items()))
     if cost.get("judged"):
         lines.append(f"  the quantization: {cost['verdict'].upper()}, the quantized weights "
                      f"against the unquantized original {cost['original']} (gates below)")

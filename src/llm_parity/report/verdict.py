@@ -152,7 +152,8 @@ def verdict_dict(session: ParitySession) -> dict[str, Any]:
                      "reference": f"the float32 run of {quant.checkpoint}'s quantized weights "
                                   "(its floor: the same weights in bfloat16)",
                      "failed_gates": failed,
-                     "left_out": list(quant.left_out)},
+                     "left_out": list(quant.left_out),
+                     "bounds": dict(quant.bounds)},
             "quantization": quant.as_dict(),
         }
     return out

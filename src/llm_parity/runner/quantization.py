@@ -35,6 +35,8 @@ class QuantizationRun:
     timings: dict[str, float] = field(default_factory=dict)
     # The port's gates with an absolute bound, left out (see port_thresholds).
     left_out: tuple[str, ...] = ()
+    # The floor-relative gates whose bound [quantization.port_bounds] replaced: {name: bound}.
+    bounds: dict[str, float] = field(default_factory=dict)
 
     def port_thresholds(self, thresholds: Any) -> Any:
         """The port's gates for a quantized candidate: those read against the noise floor.
@@ -42,11 +44,14 @@ class QuantizationRun:
         bf16 moves them more than that (SmolLM2 W8A8: mean first-token KL 0.045 between
         the float32 and bf16 runs of the same quantized weights, 4x the bf16 bound), so
         only the ratio to that floor tells a port bug from the quantization's own noise."""
+        bounds = dict(thresholds.quantized_port_bounds)
         kept = replace(thresholds,
-                       gates=tuple(g for g in thresholds.gates if g.relative_to),
+                       gates=tuple(replace(g, threshold=bounds.get(g.name, g.threshold))
+                                   for g in thresholds.gates if g.relative_to),
                        prompt_gates=tuple(g for g in thresholds.prompt_gates if g.relative_to))
         self.left_out = tuple(dict.fromkeys(
             g.name for g in (*thresholds.gates, *thresholds.prompt_gates) if not g.relative_to))
+        self.bounds = {g.name: g.threshold for g in kept.gates if g.name in bounds}
         return kept
 
     @property
