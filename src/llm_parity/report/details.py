@@ -12,7 +12,7 @@ from llm_parity.compare.gates import GridCase, higher_is_better
 from llm_parity.compare.performance import speedup_pairs
 from llm_parity.report import plots
 from llm_parity.report.blocks import Block, Bullets, Figure, Heading, Para, Plain, Status, Table
-from llm_parity.report.text import bound_text, code_token, fmt, value_text
+from llm_parity.report.text import bound_text, code_token, fmt, port_bounds_text, value_text
 from llm_parity.report.verdict import TAIL_WARNING, kl_by_step
 
 
@@ -359,9 +359,7 @@ def quantization_section(data: dict[str, Any]) -> list[Block]:
                            "int8 in bf16 moves the floor itself past them."))
     if port.get("bounds"):
         blocks.append(Para("Bounds of its own for a quantized port ([quantization.port_bounds]"
-                           " in thresholds.toml): " + ", ".join(
-                               f"{name} <= {bound:g}" for name, bound in port["bounds"].items())
-                           + "."))
+                           f" in thresholds.toml): {port_bounds_text(port['bounds'])}."))
     if cost.get("gates"):
         blocks.append(Para("What the quantization costs, by the [quantization] gates:"))
         blocks.append(Table(["gate", "over", "metric", "aggregate", "threshold", "measured",

@@ -13,7 +13,7 @@ from llm_parity.compare.layer_gates import layer_gate_line
 from llm_parity.compare.metrics import aggregate
 from llm_parity.compare.performance import REFERENCE, performance_gate_message, speedup_pairs
 from llm_parity.report.messages import localization_lines
-from llm_parity.report.text import fmt, text_table
+from llm_parity.report.text import fmt, port_bounds_text, text_table
 from llm_parity.report.verdict import TAIL_WARNING, kl_by_bucket
 
 _VIEWS = (("prompts", "first token"), ("sequences", "sequence"), ("decodes", "decode"))
@@ -100,8 +100,8 @@ def quantization_lines(data: Mapping[str, Any]) -> list[str]:
              f"rounding moves the floor itself past them): "
              f"{', '.join(port.get('left_out') or []) or 'none'}"]
     if port.get("bounds"):
-        lines.append("  its own bounds ([quantization.port_bounds]): " + ", ".join(
-            f"{name} <= {bound:g}" for name, bound in port["bounds"].items()))
+        lines.append("  its own bounds ([quantization.port_bounds]): "
+                     + port_bounds_text(port["bounds"]))
     if cost.get("judged"):
         lines.append(f"  the quantization: {cost['verdict'].upper()}, the quantized weights "
                      f"against the unquantized original {cost['original']} (gates below)")

@@ -50,5 +50,10 @@ def bound_text(gate: dict[str, Any]) -> str:
     return f"{'≥' if gate['bound'] == 'min' else '≤'} {fmt(gate['threshold'])}"
 
 
+def port_bounds_text(bounds: dict[str, float]) -> str:
+    """A quantized port's own bounds ([quantization.port_bounds]), as one phrase."""
+    return ", ".join(f"{name} <= {bound:g}" for name, bound in bounds.items())
+
+
 def gate_label(gate: dict[str, Any]) -> str:
     return f"{gate['aggregate']} {gate['metric']} {bound_text(gate)}"
