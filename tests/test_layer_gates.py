@@ -164,3 +164,33 @@ def test_a_passing_graph_only_run_gets_no_engine_start_for_its_layer_gates():
     quiet = SimpleNamespace(localize=LocalizeSettings(),
                             thresholds_file=SimpleNamespace(layer_gates=LayerGates()))
     assert localize_run(quiet, run).skipped.startswith("the candidate passed")
+
+
+def test_a_first_token_capture_compares_the_prompts_last_positions():
+    # One position against one is a noisy ratio: a correct Gemma 3 port read 6.1x at one
+    # point over the packaged prompts, 2.4x over the last 32 positions the same prefill
+    # computes (benchmarks/layer_gates.py). The teacher-forced view keeps its own positions.
+    from types import SimpleNamespace
+
+    from test_localize import _judged_views
+
+    from llm_parity.config.configurations import Configuration
+    from llm_parity.runner.localize import worst_sequences
+    from llm_parity.runner.precision import ConfigurationRun
+
+    # Three-token prompts, the first failing its first token; two-token continuations.
+    target = ConfigurationRun(Configuration("eager", "vllm", {}), {},
+                              _judged_views(decode_defect=False, prefill_defect=True))
+    run = SimpleNamespace(sequences={f"p{i}": [1, 2, 3, 0, 0] for i in range(3)})
+    first_ids = {f"p{i}": [1, 2, 3] for i in range(3)}
+
+    def read(count, **kw):
+        return [(p, v, pos) for p, v, _, pos in worst_sequences(run, target, count, first_ids,
+                                                                 **kw)]
+
+    assert read(1) == [("p0", "first_token", [2])]  # the last position alone
+    assert read(1, first_positions=2) == [("p0", "first_token", [1, 2])]
+    assert read(1, first_positions=32) == [("p0", "first_token", [0, 1, 2])]  # all there is
+    every = read(6, first_positions=32)
+    assert {v for _, v, _ in every} == {"first_token", "sequence"}
+    assert all(pos == ([0, 1, 2] if v == "first_token" else [2, 3]) for _, v, pos in every)

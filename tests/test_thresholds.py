@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from llm_parity.config.thresholds import (
@@ -238,3 +240,13 @@ def test_excuse_near_ties_fits_top1_match_only():
                                           "max": 0.1}}}}
     with pytest.raises(ThresholdsError, match="excuse_near_ties applies to metric 'top1_match'"):
         resolve_thresholds(data, source="t.toml")
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, True, "32"])
+def test_localize_positions_must_be_a_positive_integer(tmp_path, value):
+    path = tmp_path / "thresholds.toml"
+    path.write_text(f"[localize]\npositions = {json.dumps(value)}\n")
+    with pytest.raises(ThresholdsError) as err:
+        load_thresholds(path)
+    assert str(err.value).startswith(f"{path}: [localize] positions must be an integer >= 1")
+    assert "got" in str(err.value)

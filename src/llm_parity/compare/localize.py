@@ -50,6 +50,11 @@ class LocalizeSettings:
     mode: str = "on-failure"  # on-failure, always, off
     ratio: float = 5.0  # a point above this multiple of its floor has diverged
     prompts: int = 1  # the worst prompts localized
+    # A first-token capture compares the prompt's last `positions` positions, not its last
+    # alone: the prefill computes them all, and one vector against one vector is a noisy
+    # ratio (a correct Gemma 3 port reads up to 6.1x at one position over the packaged
+    # prompts, 2.4x over the last 32; benchmarks/layer_gates.py).
+    positions: int = 32
 
 
 def parse_point(name: str) -> tuple[int | None, str]:

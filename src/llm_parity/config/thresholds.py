@@ -190,7 +190,7 @@ def resolve_thresholds(
 
 
 def _localize_settings(table: Any, source: str) -> LocalizeSettings:
-    _check_keys(table, ("mode", "ratio", "prompts"), source, "localize")
+    _check_keys(table, ("mode", "ratio", "prompts", "positions"), source, "localize")
     mode = table.get("mode", LocalizeSettings.mode)
     if mode not in LOCALIZE_MODES:
         raise _fail(source, "localize", f"mode must be one of {', '.join(LOCALIZE_MODES)}, "
@@ -202,7 +202,12 @@ def _localize_settings(table: Any, source: str) -> LocalizeSettings:
     prompts = table.get("prompts", LocalizeSettings.prompts)
     if not (isinstance(prompts, int) and not isinstance(prompts, bool) and prompts >= 1):
         raise _fail(source, "localize", f"prompts must be an integer >= 1, got {prompts!r}")
-    return LocalizeSettings(mode=mode, ratio=float(ratio), prompts=prompts)
+    positions = table.get("positions", LocalizeSettings.positions)
+    if not (isinstance(positions, int) and not isinstance(positions, bool) and positions >= 1):
+        raise _fail(source, "localize", "positions must be an integer >= 1 (the prompt's "
+                    f"last positions a first-token capture compares), got {positions!r}")
+    return LocalizeSettings(mode=mode, ratio=float(ratio), prompts=prompts,
+                            positions=positions)
 
 
 def _layer_gates(table: Any, source: str) -> LayerGates:

@@ -114,11 +114,14 @@ def _target(run: Run) -> ConfigurationRun:
 
 
 def worst_sequences(run: Run, target: ConfigurationRun, count: int,
-                    first_ids: dict[str, list[int]]) -> list[tuple[str, str, list[int], list[int]]]:
+                    first_ids: dict[str, list[int]], first_positions: int = 1,
+                    ) -> list[tuple[str, str, list[int], list[int]]]:
     """(prompt id, view, token ids, positions) of the `count` worst prompts: failing ones
     first, then by mean KL over their compared positions. The teacher-forced view (the
     reference's continuation) and the first-token view; free-running decodes follow the
-    candidate's own tokens and are left out."""
+    candidate's own tokens and are left out. A first-token prompt is captured at its last
+    `first_positions` positions, which the same prefill computes: the layer comparison
+    averages over them where the output compared one."""
     assert target.precision is not None
     ranked = []
     for view in ("sequence", "first_token"):
@@ -128,8 +131,12 @@ def worst_sequences(run: Run, target: ConfigurationRun, count: int,
             if ids is None or not result.positions:
                 continue
             kl = [float(v) for v in result.values("kl")]
+            positions = [p.position for p in result.positions]
+            if view == "first_token":
+                last = max(positions)
+                positions = list(range(max(0, last + 1 - first_positions), last + 1))
             ranked.append((result.passed, -sum(kl) / len(kl), view, result.prompt.id, ids,
-                           [p.position for p in result.positions]))
+                           positions))
     ranked.sort(key=lambda r: (r[0], r[1], r[2], r[3]))
     return [(prompt_id, view, list(ids), positions)
             for _, _, view, prompt_id, ids, positions in ranked[:count]]
@@ -177,7 +184,8 @@ def localize_run(settings: Settings, run: Run, kept: dict[str, Any] | None = Non
     spec = replace(run.candidate_spec, options=options,
                    role=f"candidate ({backend}, localizing {target.name})")
     sequences = worst_sequences(run, target, settings.localize.prompts,
-                                dict(zip(settings.prompts.ids, run.token_ids)))
+                                dict(zip(settings.prompts.ids, run.token_ids)),
+                                settings.localize.positions)
     started = time.perf_counter()
     try:
         captures = _capture_all(settings, run, spec, sequences, kept, spare, out)
