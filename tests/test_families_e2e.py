@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import SuiteRun, lane_env, needs_vllm, own_cores
+from conftest import Lane, SuiteRun, needs_vllm, own_cores
 
 from llm_parity.testing.family_mutants import FAMILY_CATALOGUE, family_mutant
 
@@ -50,16 +50,14 @@ OPTIONS = {"gemma3": ["--long-prompts", "none", "--continuation", "8"]}
 def _suite(path: Path, model: Path, store: Path, core: int, backend: str,
            candidate: Path | None = None, fault: str = "", extra=()) -> SuiteRun:
     path.mkdir(parents=True)
-    env = lane_env(core, LLM_PARITY_VLLM_FAULT=fault)
-    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "precision",
-               f"--model={model}", "--candidate", backend, f"--reference-store={store}",
-               "--parity-json=verdict.json", "--junitxml", "junit.xml", *extra]
+    args = ["-p", "no:cacheprovider", "-m", "precision", f"--model={model}", "--candidate",
+            backend, f"--reference-store={store}", "--parity-json=verdict.json", "--junitxml",
+            "junit.xml", *extra]
     if backend == "vllm":
-        command += ["--configurations", "eager"]
+        args += ["--configurations", "eager"]
     if candidate is not None:
-        command.append(f"--candidate-model={candidate}")
-    proc = subprocess.run(command, cwd=path, capture_output=True, text=True, env=env)
-    return SuiteRun(path, proc.returncode, proc.stdout + proc.stderr)
+        args.append(f"--candidate-model={candidate}")
+    return Lane.on(core).run(args, path, LLM_PARITY_VLLM_FAULT=fault)
 
 
 @pytest.fixture(scope="module")

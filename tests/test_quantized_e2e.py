@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import SuiteRun, lane_env, needs_vllm, own_cores
+from conftest import Lane, SuiteRun, needs_vllm, own_cores, vllm_int8_gemm_error
 
 from llm_parity.runner.quantize import quantize_checkpoint
 from llm_parity.runner.toymodel import toy_model_dir
@@ -28,6 +28,13 @@ pytestmark = [pytest.mark.engine]
 
 # fault -> (the checkpoint it breaks: the plain W8A8 or the mixed-precision one, where
 # localization must put it, or None where the fault is spread over every layer)
+# Where vLLM's CPU int8 GEMM is exact to float rounding (conftest.vllm_int8_gemm_error), a
+# correct W8A8 port passes (1.01x its floor on the AMX machine of earlier measurements). On an AVX2-only CPU it is 12% off the
+# exact integer product: the correct port then fails its port gates (kl_vs_floor 4.2x on the
+# toy model, measured on an AMD EPYC), the suite finding the engine's own error; spread over
+# every GEMM, it keeps each layer point under 5x its floor (localization: the output head),
+# and a fault's own layer is then preceded by layer 0's attention, where it first shows.
+INT8_EXACT = 1e-3
 FAULTS = {
     "w8a8_scale_axis": ("w8a8", (0, "attn")),
     "w8a8_scale_missing": ("w8a8", (1, "mlp")),
@@ -40,13 +47,15 @@ FAULTS = {
 def _suite(path: Path, candidate: Path, store: Path, fault: str = "",
            core: int | None = None) -> SuiteRun:
     path.mkdir(parents=True)
-    env = {**os.environ, "LLM_PARITY_VLLM_FAULT": fault} if core is None else \
-        lane_env(core, LLM_PARITY_VLLM_FAULT=fault)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "precision",
-         "--candidate", "vllm", "--configurations", "eager", f"--candidate-model={candidate}",
-         f"--reference-store={store}", "--parity-json=verdict.json", "--junitxml", "junit.xml"],
-        cwd=path, capture_output=True, text=True, env=env)
+    args = ["-p", "no:cacheprovider", "-m", "precision", "--candidate", "vllm",
+            "--configurations", "eager", f"--candidate-model={candidate}",
+            f"--reference-store={store}", "--parity-json=verdict.json", "--junitxml",
+            "junit.xml"]
+    if core is not None:
+        return Lane.on(core).run(args, path, LLM_PARITY_VLLM_FAULT=fault)
+    proc = subprocess.run([sys.executable, "-m", "pytest", *args], cwd=path,
+                          capture_output=True, text=True,
+                          env={**os.environ, "LLM_PARITY_VLLM_FAULT": fault})
     return SuiteRun(path, proc.returncode, proc.stdout + proc.stderr)
 
 
@@ -82,11 +91,23 @@ def _quantization_tests(run: SuiteRun) -> dict[str, str]:
 @needs_vllm
 def test_a_correct_w8a8_port_passes_both_questions(runs, read_json):
     run = runs["correct"]
-    assert run.ret == 0, run.out[-4000:]
     verdict = read_json(run.path / "verdict.json")
     block = verdict["quantization"]
-    assert block["port"]["verdict"] == "pass" and block["quantization"]["verdict"] == "pass"
     assert verdict["candidate"]["backend"] == "vllm"
+    if vllm_int8_gemm_error() > INT8_EXACT:
+        # vLLM's int8 GEMM is itself off on this CPU: the suite must find the engine's error
+        # in the port (against its own quantized weights), and still pass the quantization.
+        assert run.ret == pytest.ExitCode.TESTS_FAILED, run.out[-4000:]
+        assert block["port"]["verdict"] == "fail" and block["quantization"]["verdict"] == "pass"
+        assert verdict["verdict_reasons"][0] == (
+            "the port failed, judged against its own quantized weights")
+        assert "kl_vs_floor" in block["port"]["failed_gates"]
+        assert set(_quantization_tests(run).values()) == {"passed"}
+        # Spread over every int8 GEMM, no layer point reaches 5x its floor: the output head.
+        assert verdict["localization"]["where"] == "output head"
+        return
+    assert run.ret == 0, run.out[-4000:]
+    assert block["port"]["verdict"] == "pass" and block["quantization"]["verdict"] == "pass"
     # Near the floor of its own quantized weights, whatever the quantization costs.
     ratio = next(g for g in verdict["gates"] if g["name"] == "sequence_kl_vs_floor")
     assert ratio["value"] < 2, ratio
@@ -114,6 +135,8 @@ def test_a_broken_quantized_port_fails_the_port_and_not_the_quantization(runs, f
     assert {f"test_gate[eager-{g}]" for g in block["port"]["failed_gates"]} <= failed
     assert block["port"]["failed_gates"]
     where = FAULTS[fault][1]
+    if where is not None and vllm_int8_gemm_error() > INT8_EXACT:
+        where = (0, "attn")  # the engine's own int8 error enters first, at layer 0's GEMMs
     if where is not None:
         loc = verdict["localization"]
         assert (loc["layer"], loc["module"]) == where, (loc["where"], loc["results"])
