@@ -44,16 +44,16 @@ def vllm_engine():
     engine.close()
 
 
-def engine_processes():
-    """Live processes this test process started, but multiprocessing's resource tracker."""
+def engine_processes(before=()):
+    """Live processes this test process started, but multiprocessing's resource tracker and
+    the processes in ``before`` (those alive before the engine: a lane's zygote, say)."""
     import psutil
 
     alive = []
     for process in psutil.Process().children(recursive=True):
         try:  # a process that died a moment ago is a zombie until reaped: not alive
-            if process.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(
-                process.cmdline()
-            ):
+            if (process.pid not in before and process.status() != psutil.STATUS_ZOMBIE
+                    and "resource_tracker" not in " ".join(process.cmdline())):
                 alive.append(process)
         except psutil.Error:
             continue
@@ -132,10 +132,11 @@ def test_vllm_capture_is_canonical_within_the_floor_and_repeatable(vllm_engine, 
 
 @needs_vllm
 def test_a_dead_engine_is_a_clear_error_not_a_hang():
+    before = {p.pid for p in engine_processes()}
     engine = build_engine("vllm", EngineSpec(str(toy_model_dir()), "bfloat16", "cpu",
                                              options={"enforce_eager": True}))
     try:
-        processes = engine_processes()
+        processes = engine_processes(before)
         workers = [p for p in processes if "Worker" in p.name()] or processes
         for process in workers:  # what a SIGILL in a kernel does to the worker
             os.kill(process.pid, signal.SIGILL)
@@ -148,9 +149,9 @@ def test_a_dead_engine_is_a_clear_error_not_a_hang():
     finally:
         engine.close()
     deadline = time.monotonic() + 30
-    while engine_processes() and time.monotonic() < deadline:
+    while engine_processes(before) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert engine_processes() == []
+    assert engine_processes(before) == []
 
 
 def _amx_in_worker(model):

@@ -622,9 +622,18 @@ def test_suite_against_vllm_serve_passes_like_the_offline_engine(
     for ours, theirs in zip(verdict["prompts"], reference["prompts"], strict=True):
         assert ours["candidate_top1"] == theirs["candidate_top1"]
         assert ours["kl"] == pytest.approx(theirs["kl"], rel=1e-6, abs=1e-9)
-    gates = {g["name"]: g["value"] for g in reference["gates"]}
+    # The first token matches to rounding (above). The teacher-forced and decode views are
+    # scored in whatever batches the server formed, and bf16 kernels depend on the batch:
+    # their aggregates agree to the gate's own resolution, its 95% interval over prompts
+    # (a p99 over 1,056 positions moved 5% between two such runs in CI).
+    offline_gates = {g["name"]: g for g in reference["gates"]}
     for gate in verdict["gates"]:
-        assert gate["value"] == pytest.approx(gates[gate["name"]], rel=0.05, abs=1e-6), gate
+        theirs = offline_gates[gate["name"]]
+        if gate["over"] == "first_token":
+            assert gate["value"] == pytest.approx(theirs["value"], rel=1e-4, abs=1e-9), gate
+        else:
+            low, high = theirs["interval"]
+            assert low - 1e-9 <= gate["value"] <= high + 1e-9, (gate, theirs)
 
 
 @needs_vllm
