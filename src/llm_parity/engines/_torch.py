@@ -52,3 +52,21 @@ def transformers_dtype_kwarg() -> str:
     from packaging.version import Version
 
     return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
+def release_memory() -> None:
+    """Give what a closed engine freed back to the system: Python's cycles collected, then
+    glibc's heap trimmed. Freed tensors of a few MiB stay in glibc's arenas otherwise (its
+    mmap threshold grows with every large block freed), counted in the process's resident
+    set under the next engine's weights: Gemma 3's float32 reference left 0.25 GiB there,
+    measured. A no-op where the C library has no malloc_trim."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:  # the process's own symbols: glibc's where it is the C library, no search run
+        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except OSError:
+        trim = None
+    if trim is not None:
+        trim(0)

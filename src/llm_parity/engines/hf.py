@@ -15,7 +15,6 @@ docs/notes/batching.md and bounded by tests/test_batching.py.
 from __future__ import annotations
 
 import copy
-import gc
 import inspect
 import time
 from collections.abc import Sequence
@@ -25,7 +24,12 @@ from typing import Any
 import numpy as np
 
 from llm_parity.compare.answers import Decoded, NextToken, next_token_from_logits
-from llm_parity.engines._torch import resolve_device, torch_dtype, transformers_dtype_kwarg
+from llm_parity.engines._torch import (
+    release_memory,
+    resolve_device,
+    torch_dtype,
+    transformers_dtype_kwarg,
+)
 from llm_parity.engines.base import Engine, EngineSpec, Timing
 from llm_parity.engines.progress import advance, announce, settle
 from llm_parity.engines.quantized import load_emulated, read_scheme
@@ -369,7 +373,7 @@ class HfEngine(Engine):
             return
         self.model = None
         settle()
-        gc.collect()
+        release_memory()
         if self.device.startswith("cuda"):
             self._torch.cuda.empty_cache()
 

