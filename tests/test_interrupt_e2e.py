@@ -48,10 +48,12 @@ ARGS = ("-p", "no:cacheprovider", "-m", "precision", "--candidate", "vllm",
         "--junitxml", "junit.xml", "--reference-store", "store", "--prompts", "prompts.jsonl",
         "--log-cli-level", "INFO")
 # The phase: (what the run must have said, a process it must have started), and the step
-# the verdict must say the signal cut short.
+# the verdict must say the signal cut short. The reference computes while the candidate's
+# engine starts (runner/beside.py): both are under way then, the main thread's first. The
+# engine's start is signalled once the reference is done and stored.
 PHASES = {
     "reference": (("reference (hf): decoding 4 prompts", None),
-                  ("reference (hf): decoding 4 prompts",)),
+                  (f"{CANDIDATE}: starting; reference (hf): decoding 4 prompts",)),
     "engine start": ((f"{CANDIDATE}: starting", "VLLM::EngineCore"),
                      (f"{CANDIDATE}: starting",)),
     "depth view": ((f"{CANDIDATE}: scoring 4 sequences", None),
@@ -139,7 +141,8 @@ def interrupt_run(path: Path, phase: str, signame: str, core: int) -> Interrupte
             watch()
             if said in out.read_text(errors="replace") and (
                     started is None or any(_name(p).endswith(started) for p in seen.values()
-                                           if _running(p))):
+                                           if _running(p))) and (
+                    phase != "engine start" or (path / "store" / "key.json").is_file()):
                 (os.killpg if to_group else os.kill)(proc.pid, signum)
                 result.signalled_after = time.monotonic() - began
                 signalled = time.monotonic()

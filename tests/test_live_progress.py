@@ -12,9 +12,10 @@ import sys
 import time
 
 import pytest
+from conftest import needs_vllm
 
 from llm_parity.engines.progress import Step
-from llm_parity.pytest_plugin.live import text
+from llm_parity.pytest_plugin.live import SEPARATOR, text
 
 QUICK = ("--long-prompts", "none", "--continuation", "6")
 
@@ -105,3 +106,20 @@ def test_a_file_gets_plain_lines_and_quiet_or_junit_get_none(pytester):
                                           "--candidate", "hf", *QUICK, "--progress-interval=0")
     assert quiet.ret == 0
     assert not any(line.startswith("llm-parity: ") for line in quiet.stdout.lines)
+
+
+@needs_vllm
+@pytest.mark.engine
+def test_a_terminal_sees_the_reference_compute_beside_the_engines_start(tmp_path, read_json):
+    code, chunks = run_in_a_terminal(tmp_path, "-p", "no:cacheprovider", "-m", "precision",
+                                     "--candidate", "vllm", "--configurations", "eager",
+                                     *QUICK, "--parity-json=verdict.json")
+    screen = b"".join(data for _, data in chunks).decode("utf-8", "replace")
+    assert code == 0, screen[-3000:]
+    starting = "candidate (vllm, configuration eager): starting"
+    both = [line for line in re.findall(r"\rllm-parity: ([^\r\n\x1b]*)", screen)
+            if line.startswith(starting) and SEPARATOR + "reference (hf): " in line
+            or line.startswith(starting) and SEPARATOR + "noise floor (hf bfloat16): " in line]
+    assert both, screen[-3000:]  # one line, the engine's lane first
+    timings = read_json(tmp_path / "verdict.json")["timings"]
+    assert 0 < timings["overlap_s"] <= timings["candidate_load_s"] + 0.5, timings

@@ -53,6 +53,28 @@ def test_vllm_on_an_npu_is_refused_where_vllm_picked_the_cpu(pytester, read_json
     assert "reference_load" not in result.stdout.str()  # refused before any model loaded
 
 
+@needs_vllm
+def test_an_engine_that_cannot_start_ends_the_run_while_the_reference_computes(
+        pytester, tmp_path, read_json):
+    # A prefill budget below the batch size: vLLM refuses it as its engine starts, beside
+    # the float32 reference (runner/beside.py), which is cancelled then, never stored.
+    store = tmp_path / "store"
+    result = run_suite(pytester, "--candidate", "vllm", "--configurations", "eager",
+                       "--long-prompts", "none", "--continuation", "1000",
+                       f"--reference-store={store}",
+                       "--candidate-option", "enable_chunked_prefill=true",
+                       "--candidate-option", "max_num_batched_tokens=4",
+                       "--candidate-option", "max_num_seqs=8")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    verdict = read_json(pytester.path / "verdict.json")
+    assert verdict["verdict"] == "error" and "max_num_batched_tokens" in verdict["error"]
+    assert "vLLM could not start" in verdict["error"]
+    cases = junit_cases(pytester.path / "junit.xml")
+    assert cases and {outcome for outcome, _ in cases.values()} == {"error"}
+    assert not store.exists()  # the reference's work stopped before it was whole
+    assert "reference_depth" not in result.stdout.str()
+
+
 NO_FLOOR_GATES = """
 [precision.gates.kl_mean]
 metric = "kl"

@@ -109,3 +109,9 @@ class VerdictSchemaError(ParityError, ValueError):
 
 # What a failed precision run raises to the tests: each message is enough on its own.
 RUN_ERRORS = (EngineError, ModelError, ParityInputError, StoreError)
+
+
+class WorkCancelled(BaseException):
+    """Raised inside work running beside an engine's start (runner/beside.py) when the run
+    stops it: the engine failed to start, or a signal ended the run. Not an Exception, so no
+    `except Exception` on the way keeps the work going."""

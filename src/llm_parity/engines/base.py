@@ -83,7 +83,6 @@ class Engine(abc.ABC):
     # The constructor options this backend reads, or None where any may be given (vLLM's
     # are checked against its EngineArgs in preflight, which imports vLLM).
     known_options: ClassVar[tuple[str, ...] | None] = None
-
     def __init__(self, spec: EngineSpec) -> None:
         self.spec = spec
 
@@ -106,8 +105,15 @@ class Engine(abc.ABC):
                                   f"{', '.join(cls.known_options)}")
 
     @classmethod
-    def preflight(cls, spec: EngineSpec) -> None:
-        """Cheap checks (is the asked device here?) run before any model is loaded."""
+    def starts_apart(cls) -> bool:
+        """Whether its start runs in processes of its own (vLLM's engine core compiles
+        there), so the reference can compute beside it (runner/beside.py)."""
+        return False
+
+    @classmethod
+    def preflight(cls, spec: EngineSpec) -> str | None:
+        """Cheap checks (is the asked device here?) run before any model is loaded; the
+        device the engine will compute on, where it knows it."""
 
     @abc.abstractmethod
     def next_token(self, prompts: Sequence[Sequence[int]], k: int) -> list[NextToken]:

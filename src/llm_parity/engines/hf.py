@@ -183,9 +183,10 @@ class HfEngine(Engine):
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     @classmethod
-    def preflight(cls, spec: EngineSpec) -> None:
-        resolve_device(spec.device, spec.role)
+    def preflight(cls, spec: EngineSpec) -> str:
+        device = resolve_device(spec.device, spec.role)
         check_placement(spec.options, spec.role)
+        return device
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {"backend": self.backend, "device": self.device,

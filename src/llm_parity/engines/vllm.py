@@ -74,6 +74,14 @@ class VllmEngine(Engine):
     backend = "vllm"
 
     @classmethod
+    def starts_apart(cls) -> bool:
+        """The engine core is a process of its own unless VLLM_ENABLE_V1_MULTIPROCESSING=0
+        keeps it in this one (it would then compile in the main thread)."""
+        import vllm.envs
+
+        return bool(vllm.envs.VLLM_ENABLE_V1_MULTIPROCESSING)
+
+    @classmethod
     def preflight(cls, spec: EngineSpec) -> str:
         """vLLM picks its platform itself; refuse a device it did not pick."""
         try:

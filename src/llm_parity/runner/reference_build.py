@@ -13,16 +13,12 @@ from llm_parity.config.options import Settings
 from llm_parity.config.prompts import PromptSet
 from llm_parity.engines.base import EngineSpec, engine_class
 from llm_parity.errors import SettingsError
+from llm_parity.runner.calls import depth_prompts, run_engine
+from llm_parity.runner.comparison import Comparison
 from llm_parity.runner.floor import floor_of_run
-from llm_parity.runner.golden import shard_range
+from llm_parity.runner.golden import reference_store, shard_range
 from llm_parity.runner.models import checkpoint_card, resolve_model
-from llm_parity.runner.precision import (
-    _Comparison,
-    _depth_prompts,
-    _reference_store,
-    _run_engine,
-    platform_of,
-)
+from llm_parity.runner.precision import platform_of
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -60,7 +56,7 @@ def build_reference(settings: Settings, shard: tuple[int, int] | None = None) ->
 
     tokenizer = load_tokenizer(model.path, settings.trust_remote_code)
     token_ids = tokenize_prompts(tokenizer, settings.prompts)
-    depth = _depth_prompts(settings, tokenizer, card)
+    depth = depth_prompts(settings, tokenizer, card)
     extra = None
     if shard is not None:
         index, count = shard
@@ -82,13 +78,13 @@ def build_reference(settings: Settings, shard: tuple[int, int] | None = None) ->
                  floor=settings.noise_floor != "off"
                  and settings.candidate_dtype != settings.reference_dtype,
                  candidate_backend="none", building=True)  # before the model loads
-    store, key = _reference_store(settings, model, card, token_ids, depth, spec)
-    answers, info = _run_engine("hf", spec, token_ids, depth, k, settings, timings, "reference")
+    store, key = reference_store(settings, model, card, token_ids, depth, spec)
+    answers, info = run_engine("hf", spec, token_ids, depth, k, settings, timings, "reference")
     store.save(key, answers, info, extra)
     floor = None
     if settings.noise_floor != "off" and settings.candidate_dtype != settings.reference_dtype:
         thresholds = settings.thresholds(platform_of(info["device"]), settings.model or model.name)
-        compare = _Comparison(settings, tokenizer, token_ids, depth, answers, thresholds, k)
+        compare = Comparison(settings, tokenizer, token_ids, depth, answers, thresholds, k)
         sequences = ([ids + d.token_ids for ids, d in zip(depth[1], answers["decoded"])]
                      if depth else [])
         vocab_size = len(answers["first"][0].full_logprobs)
