@@ -1,17 +1,15 @@
 """Gates read from thresholds.toml: parsing and validation, once per session.
 
 The file is plain TOML read with tomllib, never executed. Every table and key is checked
-against the schema below before any model is loaded; a mistake names the file, the key
-and what was expected.
+against its schema (config/thresholds_schema.py) before any model is loaded; a mistake
+names the file, the key and what was expected.
 """
 
 from __future__ import annotations
 
 import copy
-import difflib
-import math
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +21,9 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 from llm_parity.compare.gates import (
-    EXECUTION_MODES,
-    NOISE_FLOOR,
     PERFORMANCE_METRICS,
     PLATFORMS,
     PRECISION_METRICS,
-    RELATIVE_METRICS,
-    VIEWS,
     Gate,
     GridCase,
     Thresholds,
@@ -38,19 +32,16 @@ from llm_parity.compare.layer_gates import KINDS as LAYER_KINDS
 from llm_parity.compare.layer_gates import LayerGates
 from llm_parity.compare.localize import MODES as LOCALIZE_MODES
 from llm_parity.compare.localize import LocalizeSettings
-from llm_parity.compare.metrics import AGGREGATES
 from llm_parity.config.configurations import parse_configurations
+from llm_parity.config.thresholds_schema import (
+    check_keys,
+    fail,
+    is_number,
+    type_name,
+    validate_document,
+    validate_section,
+)
 from llm_parity.errors import ThresholdsError
-
-_GATE_KEYS = ("metric", "aggregate", "min", "max", "over", "mode", "enabled", "description",
-              "excuse_near_ties",
-              "relative_to", "conservative")
-_TOP_KEYS = ("schema_version", "precision", "performance", "platforms", "models",
-             "configurations", "reference", "localize", "layer_gates", "quantization")
-_PRECISION_KEYS = ("gates", "prompt_gates", "near_tie_margin", "strict")
-_PERFORMANCE_KEYS = ("grid", "warmup_rounds", "rounds", "max_cv", "gates")
-_GRID_KEYS = ("mode", "input_len", "output_len")
-
 
 
 def packaged_thresholds_path() -> Path:
@@ -62,7 +53,7 @@ class ThresholdsFile:
     model on demand (each resolution is kept: one parse, one merge per pair)."""
 
     def __init__(self, data: Mapping[str, Any], source: str = "<thresholds>") -> None:
-        _validate_document(data, source)
+        validate_document(data, source)
         self.data = data
         self.source = source
         # Candidate configurations by name (see config/configurations.py).
@@ -120,7 +111,7 @@ class ThresholdsFile:
         where = self.source + (f" (merged with [{'] and ['.join(sections)}])" if sections
                                else "")
         if check and sections:
-            _validate_section(merged, where, "", full=True)
+            validate_section(merged, where, "", full=True)
         precision = merged["precision"]
         performance = merged["performance"]
         return Thresholds(
@@ -190,51 +181,51 @@ def resolve_thresholds(
 
 
 def _localize_settings(table: Any, source: str) -> LocalizeSettings:
-    _check_keys(table, ("mode", "ratio", "prompts", "positions"), source, "localize")
+    check_keys(table, ("mode", "ratio", "prompts", "positions"), source, "localize")
     mode = table.get("mode", LocalizeSettings.mode)
     if mode not in LOCALIZE_MODES:
-        raise _fail(source, "localize", f"mode must be one of {', '.join(LOCALIZE_MODES)}, "
+        raise fail(source, "localize", f"mode must be one of {', '.join(LOCALIZE_MODES)}, "
                     f"got {mode!r}")
     ratio = table.get("ratio", LocalizeSettings.ratio)
-    if not (_is_number(ratio) and ratio > 1):
-        raise _fail(source, "localize", "ratio must be a number above 1 (a multiple of each "
+    if not (is_number(ratio) and ratio > 1):
+        raise fail(source, "localize", "ratio must be a number above 1 (a multiple of each "
                     f"layer's bf16 floor), got {ratio!r}")
     prompts = table.get("prompts", LocalizeSettings.prompts)
     if not (isinstance(prompts, int) and not isinstance(prompts, bool) and prompts >= 1):
-        raise _fail(source, "localize", f"prompts must be an integer >= 1, got {prompts!r}")
+        raise fail(source, "localize", f"prompts must be an integer >= 1, got {prompts!r}")
     positions = table.get("positions", LocalizeSettings.positions)
     if not (isinstance(positions, int) and not isinstance(positions, bool) and positions >= 1):
-        raise _fail(source, "localize", "positions must be an integer >= 1 (the prompt's "
+        raise fail(source, "localize", "positions must be an integer >= 1 (the prompt's "
                     f"last positions a first-token capture compares), got {positions!r}")
     return LocalizeSettings(mode=mode, ratio=float(ratio), prompts=prompts,
                             positions=positions)
 
 
 def _layer_gates(table: Any, source: str) -> LayerGates:
-    _check_keys(table, ("max", "modules", "enabled"), source, "layer_gates")
+    check_keys(table, ("max", "modules", "enabled"), source, "layer_gates")
     enabled = table.get("enabled", True)
     if not isinstance(enabled, bool):
-        raise _fail(source, "layer_gates", f"enabled must be true or false, got {enabled!r}")
+        raise fail(source, "layer_gates", f"enabled must be true or false, got {enabled!r}")
     every = table.get("max")
-    if every is not None and not (_is_number(every) and every > 1):
-        raise _fail(source, "layer_gates", "max must be a number above 1 (the largest multiple "
+    if every is not None and not (is_number(every) and every > 1):
+        raise fail(source, "layer_gates", "max must be a number above 1 (the largest multiple "
                     f"of its bf16 floor any captured point may reach), got {every!r}")
     modules = table.get("modules", {})
-    _check_keys(modules, LAYER_KINDS, source, "layer_gates.modules")
+    check_keys(modules, LAYER_KINDS, source, "layer_gates.modules")
     for kind, bound in modules.items():
-        if not (_is_number(bound) and bound > 1):
-            raise _fail(source, "layer_gates.modules", f"{kind} must be a number above 1 (the "
+        if not (is_number(bound) and bound > 1):
+            raise fail(source, "layer_gates.modules", f"{kind} must be a number above 1 (the "
                         f"largest multiple of its bf16 floor a {kind} point may reach), got "
                         f"{bound!r}")
     return LayerGates.build(every, dict(modules)) if enabled else LayerGates()
 
 
 def _reference_options(table: Any, source: str) -> dict[str, Any]:
-    _check_keys(table, ("options",), source, "reference")
+    check_keys(table, ("options",), source, "reference")
     options = table.get("options", {})
     if not isinstance(options, Mapping):
-        raise _fail(source, "reference", f"options must be a table of from_pretrained "
-                    f"arguments, got {_type_name(options)}")
+        raise fail(source, "reference", f"options must be a table of from_pretrained "
+                    f"arguments, got {type_name(options)}")
     return dict(options)
 
 
@@ -299,54 +290,6 @@ def _build_gates(
     return tuple(gates)
 
 
-# ---------------------------------------------------------------- validation
-
-
-def _fail(source: str, key: str, message: str) -> ThresholdsError:
-    return ThresholdsError(f"{source}: [{key}] {message}")
-
-
-def _check_keys(table: Any, allowed: Iterable[str], source: str, where: str) -> None:
-    if not isinstance(table, Mapping):
-        raise _fail(source, where, f"must be a table, got {_type_name(table)}")
-    allowed = tuple(allowed)
-    for key in table:
-        if key not in allowed:
-            hint = difflib.get_close_matches(key, allowed, n=1)
-            suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
-            raise _fail(
-                source,
-                where,
-                f"unknown key '{key}'{suggestion}; expected one of: {', '.join(allowed)}",
-            )
-
-
-def _type_name(value: Any) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            list: "an array", dict: "a table"}.get(type(value), type(value).__name__)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _validate_document(data: Mapping[str, Any], source: str) -> None:
-    _check_keys(data, _TOP_KEYS, source, "top level")
-    _validate_section(data, source, "", full=True)
-    platforms = data.get("platforms", {})
-    _check_keys(platforms, PLATFORMS, source, "platforms")
-    for name, section in platforms.items():
-        _check_keys(section, ("precision", "performance"), source, f"platforms.{name}")
-        _validate_section(section, source, f"platforms.{name}.", full=False)
-    models = data.get("models", {})
-    if not isinstance(models, Mapping):
-        raise _fail(source, "models", f"must be a table, got {_type_name(models)}")
-    for name, section in models.items():
-        _check_keys(section, ("precision", "performance", "quantization"), source,
-                    f'models."{name}"')
-        _validate_section(section, source, f'models."{name}".', full=False)
-
-
 def _port_bounds(merged: Mapping[str, Any], where: str) -> tuple[tuple[str, float], ...]:
     """[quantization.port_bounds]: each names one of the floor-relative run gates of
     [precision.gates], whose bound it replaces for a quantized port."""
@@ -356,165 +299,9 @@ def _port_bounds(merged: Mapping[str, Any], where: str) -> tuple[tuple[str, floa
     out = []
     for name, bound in merged["quantization"].get("port_bounds", {}).items():
         if name not in relative:
-            raise _fail(where, f"quantization.port_bounds.{name}",
+            raise fail(where, f"quantization.port_bounds.{name}",
                         "names no gate bounded by a multiple of the noise floor in "
                         "[precision.gates]; "
                         f"expected one of: {', '.join(relative) or 'none'}")
         out.append((name, float(bound)))
     return tuple(out)
-
-
-def _validate_section(data: Mapping[str, Any], source: str, prefix: str, full: bool) -> None:
-    quantization = data.get("quantization", {})
-    _check_keys(quantization, ("gates", "port_bounds"), source, f"{prefix}quantization")
-    bounds = quantization.get("port_bounds", {})
-    if not isinstance(bounds, Mapping):
-        raise _fail(source, f"{prefix}quantization.port_bounds",
-                    f"must be a table of gate name = bound, got {_type_name(bounds)}")
-    for name, bound in bounds.items():
-        if not _is_number(bound) or bound <= 0:
-            raise _fail(source, f"{prefix}quantization.port_bounds.{name}",
-                        f"must be a positive number (a multiple of the floor), got {bound!r}")
-    tables = quantization.get("gates", {})
-    _check_keys(tables, tables.keys() if isinstance(tables, Mapping) else (), source,
-                f"{prefix}quantization.gates")
-    for name, gate in tables.items():
-        where = f"{prefix}quantization.gates.{name}"
-        _validate_gate(gate, PRECISION_METRICS, source, where, full)
-        if isinstance(gate, Mapping) and gate.get("relative_to"):
-            raise _fail(source, where, "relative_to has no floor to read here: the "
-                        "quantization is judged against the float32 original alone")
-    precision = data.get("precision", {})
-    _check_keys(precision, _PRECISION_KEYS, source, f"{prefix}precision")
-    if "near_tie_margin" in precision and not (
-        _is_number(precision["near_tie_margin"]) and precision["near_tie_margin"] >= 0
-    ):
-        raise _fail(
-            source,
-            f"{prefix}precision",
-            "near_tie_margin must be a non-negative number (a log-prob gap), "
-            f"got {precision['near_tie_margin']!r}",
-        )
-    if "strict" in precision and not isinstance(precision["strict"], bool):
-        raise _fail(source, f"{prefix}precision",
-                    f"strict must be true or false, got {precision['strict']!r}")
-    for group in ("gates", "prompt_gates"):
-        tables = precision.get(group, {})
-        _check_keys(tables, tables.keys() if isinstance(tables, Mapping) else (), source,
-                    f"{prefix}precision.{group}")
-        for name, gate in tables.items():
-            _validate_gate(gate, PRECISION_METRICS, source, f"{prefix}precision.{group}.{name}",
-                           full)
-    performance = data.get("performance", {})
-    _check_keys(performance, _PERFORMANCE_KEYS, source, f"{prefix}performance")
-    for key in ("warmup_rounds", "rounds"):
-        if key in performance:
-            value = performance[key]
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= (
-                    0 if key == "warmup_rounds" else 1)):
-                raise _fail(source, f"{prefix}performance",
-                            f"{key} must be an integer >= {0 if key == 'warmup_rounds' else 1}, "
-                            f"got {value!r}")
-    if "max_cv" in performance and not (_is_number(performance["max_cv"])
-                                        and performance["max_cv"] > 0):
-        raise _fail(source, f"{prefix}performance",
-                    f"max_cv must be a positive number, got {performance['max_cv']!r}")
-    grid = performance.get("grid", [])
-    if not isinstance(grid, list):
-        raise _fail(source, f"{prefix}performance", f"grid must be an array of tables, "
-                    f"got {_type_name(grid)}")
-    for i, case in enumerate(grid):
-        where = f"{prefix}performance.grid[{i}]"
-        _check_keys(case, _GRID_KEYS, source, where)
-        for key in _GRID_KEYS:
-            if key not in case:
-                raise _fail(source, where, f"missing key '{key}'")
-        if case["mode"] not in EXECUTION_MODES:
-            raise _fail(source, where, f"mode must be one of {', '.join(EXECUTION_MODES)}, "
-                        f"got {case['mode']!r}")
-        for key in ("input_len", "output_len"):
-            value = case[key]
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-                raise _fail(source, where, f"{key} must be a positive integer, got {value!r}")
-    tables = performance.get("gates", {})
-    _check_keys(tables, tables.keys() if isinstance(tables, Mapping) else (), source,
-                f"{prefix}performance.gates")
-    for name, gate in tables.items():
-        _validate_gate(gate, PERFORMANCE_METRICS, source, f"{prefix}performance.gates.{name}",
-                       full)
-
-
-def _validate_gate(
-    gate: Any, metrics: Mapping[str, bool], source: str, where: str, full: bool
-) -> None:
-    _check_keys(gate, _GATE_KEYS, source, where)
-    if "metric" in gate:
-        metric = gate["metric"]
-        if not isinstance(metric, str) or metric not in metrics:
-            hint = difflib.get_close_matches(str(metric), metrics, n=1)
-            suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
-            raise _fail(source, where, f"unknown metric {metric!r}{suggestion}; "
-                        f"expected one of: {', '.join(metrics)}")
-    elif full:
-        raise _fail(source, where, "missing key 'metric'")
-    if "aggregate" in gate:
-        how = gate["aggregate"]
-        if how not in AGGREGATES:
-            raise _fail(source, where, f"unknown aggregate {how!r}; expected one of: "
-                        f"{', '.join(AGGREGATES)}")
-        metric = gate.get("metric")
-        if metric is not None and (how == "rate") != metrics[metric]:
-            expected = "'rate'" if metrics[metric] else "one of " + ", ".join(
-                a for a in AGGREGATES if a != "rate")
-            raise _fail(source, where, f"aggregate {how!r} does not fit metric {metric!r}; "
-                        f"expected {expected}")
-    for bound in ("min", "max"):
-        if bound in gate and not _is_number(gate[bound]):
-            raise _fail(source, where, f"{bound} must be a number, got "
-                        f"{_type_name(gate[bound])} {gate[bound]!r}")
-    if "min" in gate and "max" in gate:
-        raise _fail(source, where, "give one bound, min or max, not both "
-                    "(write two gates for a range)")
-    if full and "min" not in gate and "max" not in gate:
-        raise _fail(source, where, "missing bound: give min or max")
-    if "over" in gate and gate["over"] not in VIEWS:
-        raise _fail(source, where, f"over must be one of {', '.join(VIEWS)}, got "
-                    f"{gate['over']!r}")
-    if "mode" in gate:
-        if metrics is not PERFORMANCE_METRICS:
-            raise _fail(source, where, "mode applies to performance gates only")
-        if gate["mode"] not in EXECUTION_MODES:
-            raise _fail(source, where, f"mode must be one of {', '.join(EXECUTION_MODES)}, "
-                        f"got {gate['mode']!r}")
-        if gate.get("metric") == "speedup":
-            raise _fail(source, where, "a speedup gate compares both modes; it takes no mode")
-    if "relative_to" in gate:
-        if metrics is PERFORMANCE_METRICS:
-            raise _fail(source, where, "relative_to applies to precision gates only")
-        if gate["relative_to"] != NOISE_FLOOR:
-            raise _fail(source, where, f"relative_to must be '{NOISE_FLOOR}', got "
-                        f"{gate['relative_to']!r}")
-        if gate.get("metric") is not None and gate["metric"] not in RELATIVE_METRICS:
-            raise _fail(source, where, f"metric {gate['metric']!r} cannot be read relative to "
-                        f"the noise floor; expected one of: {', '.join(RELATIVE_METRICS)}")
-        if "min" in gate:
-            raise _fail(source, where, "a gate relative to the noise floor bounds how many "
-                        "times the floor the candidate may reach: give max, not min")
-    if "conservative" in gate:
-        if not isinstance(gate["conservative"], bool):
-            raise _fail(source, where, f"conservative must be true or false, got "
-                        f"{gate['conservative']!r}")
-        if ".prompt_gates." in where or metrics is PERFORMANCE_METRICS:
-            raise _fail(source, where, "conservative applies to precision gates across "
-                        "prompts ([precision.gates]), whose interval resamples prompts")
-    if "excuse_near_ties" in gate:
-        if not isinstance(gate["excuse_near_ties"], bool):
-            raise _fail(source, where, f"excuse_near_ties must be true or false, got "
-                        f"{gate['excuse_near_ties']!r}")
-        if gate.get("metric") is not None and gate["metric"] != "top1_match":
-            raise _fail(source, where, f"excuse_near_ties applies to metric 'top1_match', "
-                        f"not {gate['metric']!r}")
-    if "enabled" in gate and not isinstance(gate["enabled"], bool):
-        raise _fail(source, where, f"enabled must be true or false, got {gate['enabled']!r}")
-    if "description" in gate and not isinstance(gate["description"], str):
-        raise _fail(source, where, "description must be a string")
