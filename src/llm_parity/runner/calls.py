@@ -21,6 +21,15 @@ def start_engine(backend: str, spec: EngineSpec, timings: dict[str, float], role
     return engine
 
 
+def check_tokenization(engine: Any, settings: Settings, token_ids, depth) -> None:
+    """The engine's own tokenizer gives every prompt the ids the run scores (each prompt
+    once, first-token and depth sets together)."""
+    named = {p.id: (p.id, p.text, ids) for p, ids in zip(settings.prompts.prompts, token_ids)}
+    if depth:
+        named.update((p.id, (p.id, p.text, ids)) for p, ids in zip(*depth))
+    engine.check_tokenization(list(named.values()))
+
+
 def run_engine(
     backend: str,
     spec: EngineSpec,
@@ -48,10 +57,7 @@ def run_engine(
         engine = start_engine(backend, spec, timings, role)
     answers: dict[str, Any] = {}
     try:
-        named = {p.id: (p.id, p.text, ids) for p, ids in zip(settings.prompts.prompts, token_ids)}
-        if depth:
-            named.update((p.id, (p.id, p.text, ids)) for p, ids in zip(*depth))
-        engine.check_tokenization(list(named.values()))
+        check_tokenization(engine, settings, token_ids, depth)
         started = time.perf_counter()
         for _ in range(runs):
             answers["first"] = engine.next_token(token_ids, k)

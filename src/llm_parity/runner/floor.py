@@ -23,6 +23,7 @@ from llm_parity.config.thresholds import Thresholds
 from llm_parity.engines.base import EngineSpec, build_engine
 from llm_parity.engines.progress import phase
 from llm_parity.errors import EngineError
+from llm_parity.runner.calls import check_tokenization
 
 
 def floor_of_run(settings, thresholds, store, key, reference_spec, token_ids, depth, k,
@@ -67,10 +68,7 @@ def measure_floor(spec: EngineSpec, settings, token_ids, depth, sequences, k: in
                              where=f"{spec.role}, prompt {prompt_id}{where}")
 
     try:
-        named = {p.id: (p.id, p.text, ids) for p, ids in zip(settings.prompts.prompts, token_ids)}
-        if depth:
-            named.update((p.id, (p.id, p.text, ids)) for p, ids in zip(*depth))
-        engine.check_tokenization(list(named.values()))
+        check_tokenization(engine, settings, token_ids, depth)
         started = time.perf_counter()
         prompts = settings.prompts.prompts
         with phase(f"{spec.role}: first token", len(token_ids)) as done:
